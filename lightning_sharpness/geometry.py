@@ -1,0 +1,172 @@
+"""How a weight perturbation is measured and taken.
+
+One geometry object serves two purposes: SAM's ascent step (one normalized step) and the worst-case
+sharpness measure (several projected steps). Every geometry added here therefore gives a new SAM variant
+and a new measure at once.
+
+A geometry works in *scaled coordinates* ``u = delta / T`` where ``T`` is a per-element scale
+(``T = 1`` for the standard geometry, ``T = |w| + eta`` for the adaptive one of ASAM). The perturbation
+budget is ``||u|| <= rho``; the steepest ascent direction under that budget for a gradient ``g`` is
+``delta = rho * T^2 g / ||T g||`` (l2).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+__all__ = ["AdaptiveGeometry", "Geometry", "StandardGeometry", "resolve_geometry"]
+
+
+class Geometry:
+    """Base class: the standard Euclidean geometry (``T = 1``).
+
+    Subclasses override :meth:`scale` for an element-wise rescaling, or the vector methods for a geometry
+    with structure across tensors (the geodesic one for attention heads). Every method takes the list of
+    perturbed parameters and the matching list of vectors (gradients or perturbations), in the same order.
+    """
+
+    name = "standard"
+
+    def bind(self, module: torch.nn.Module, named_params: Sequence[tuple[str, Tensor]]) -> None:
+        """Called once with the model and the perturbed parameters; geometries with structure record it."""
+
+    def scale(self, param: Tensor) -> Tensor | None:
+        """Element-wise scale ``T`` of one parameter; ``None`` means 1."""
+        return None
+
+    def dual_sq_norm(self, params: Sequence[Tensor], grads: Sequence[Tensor]) -> Tensor:
+        """``||T g||_2^2`` summed over all tensors (a 0-dim fp32 tensor), the squared norm SAM divides by."""
+        if not grads:
+            return torch.zeros(())
+        terms = []
+        for p, g in zip(params, grads):
+            t = self.scale(p)
+            tg = g if t is None else g * t
+            terms.append(tg.detach().float().pow(2).sum())
+        return torch.stack(terms).sum()
+
+    def ascent_(self, params: Sequence[Tensor], grads: Sequence[Tensor], coefficient: float | Tensor) -> None:
+        """Turn the gradients, in place, into the ascent step ``coefficient * T^2 g``.
+
+        SAM uses ``coefficient = rho / ||T g||`` (normalized) or ``rho`` (unnormalized, USAM). Working in
+        place lets SAM reuse the gradient buffers for the perturbation: no extra copy of the parameters.
+        """
+        for p, g in zip(params, grads):
+            t = self.scale(p)
+            if t is not None:
+                g.mul_(t).mul_(t)
+            g.mul_(coefficient)
+
+    def retract_(self, params: Sequence[Tensor], steps: Sequence[Tensor]) -> None:
+        """Move the weights along the steps, in place: ``w <- w + delta`` (a geodesic step for curved ones)."""
+        torch._foreach_add_(list(params), list(steps))
+
+    # ------------------------------------------------------------------ used by the sharpness measures
+    norms: tuple[str, ...] = ("l2", "linf")
+
+    def check_norm(self, norm: str) -> str:
+        """Raise unless this geometry defines balls of ``norm``."""
+        if norm not in self.norms:
+            raise ValueError(f"`norm` must be one of {list(self.norms)} for the {self.name} geometry, got {norm!r}.")
+        return norm
+
+    def sq_norm(self, params: Sequence[Tensor], steps: Sequence[Tensor]) -> Tensor:
+        """``||delta / T||_2^2``: the squared size of a perturbation in this geometry (0-dim fp32)."""
+        terms = [torch.zeros(())]
+        for p, d in zip(params, steps):
+            t = self.scale(p)
+            terms.append((d if t is None else d / t).detach().float().pow(2).sum())
+        return torch.stack(terms).sum()
+
+    def linf_norm(self, params: Sequence[Tensor], steps: Sequence[Tensor]) -> Tensor:
+        """``max |delta / T|`` over all elements (0-dim fp32)."""
+        terms = [torch.zeros(())]
+        for p, d in zip(params, steps):
+            t = self.scale(p)
+            terms.append((d if t is None else d / t).detach().float().abs().max())
+        return torch.stack(terms).max()
+
+    def linf_ascent_(self, params: Sequence[Tensor], grads: Sequence[Tensor], coefficient: float | Tensor) -> None:
+        """Turn the gradients, in place, into the l-inf steepest ascent step ``coefficient * T * sign(g)``."""
+        for p, g in zip(params, grads):
+            t = self.scale(p)
+            g.sign_()
+            if t is not None:
+                g.mul_(t)
+            g.mul_(coefficient)
+
+    def project_(self, params: Sequence[Tensor], steps: Sequence[Tensor], rho: float, norm: str = "l2") -> None:
+        """Project perturbations, in place, onto the ball ``||delta / T|| <= rho`` (l2 or l-inf)."""
+        if norm == "linf":
+            for p, d in zip(params, steps):
+                t = self.scale(p)
+                if t is None:
+                    d.clamp_(-rho, rho)
+                else:
+                    d.copy_(torch.maximum(torch.minimum(d, rho * t), -rho * t))
+            return
+        size = float(self.sq_norm(params, steps)) ** 0.5
+        if size > rho:
+            torch._foreach_mul_(list(steps), rho / size)
+
+    def sample(self, params: Sequence[Tensor], generator: torch.Generator, norm: str = "l2") -> list[Tensor]:
+        """A random perturbation: ``T * N(0, 1)`` (l2) or ``T * U(-1, 1)`` (l-inf) element-wise."""
+        out = []
+        for p in params:
+            if norm == "linf":
+                z = torch.rand(p.shape, generator=generator, dtype=p.dtype).mul_(2).sub_(1)
+            else:
+                z = torch.randn(p.shape, generator=generator, dtype=p.dtype)
+            z = z.to(p.device)
+            t = self.scale(p)
+            out.append(z if t is None else z.mul_(t))
+        return out
+
+    def retract(self, params: Sequence[Tensor], steps: Sequence[Tensor]) -> list[Tensor]:
+        """Out of place and differentiable in ``steps``: the weights ``w + delta`` (curved for geodesic ones)."""
+        return [p + d for p, d in zip(params, steps)]
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}()"
+
+
+class StandardGeometry(Geometry):
+    """Euclidean balls around the weights: SAM (Foret et al., 2021)."""
+
+
+class AdaptiveGeometry(Geometry):
+    """Ellipsoids scaled by ``T = |w| + eta``: ASAM (Kwon et al., 2021), scale-invariant sharpness.
+
+    ``eta = 0`` gives the element-wise form of the most used PyTorch ASAM implementation.
+    """
+
+    name = "adaptive"
+
+    def __init__(self, eta: float = 0.01) -> None:
+        if isinstance(eta, bool) or not isinstance(eta, (int, float)) or not math.isfinite(eta) or eta < 0:
+            raise ValueError(f"`eta` must be a finite number >= 0, got {eta!r}.")
+        self.eta = float(eta)
+
+    def scale(self, param: Tensor) -> Tensor:
+        t = param.detach().abs()
+        return t.add_(self.eta) if self.eta else t
+
+    def __repr__(self) -> str:
+        return f"AdaptiveGeometry(eta={self.eta})"
+
+
+
+_NAMED = {"standard": StandardGeometry, "adaptive": AdaptiveGeometry}
+
+
+def resolve_geometry(geometry: str | Geometry, argument: str = "geometry") -> Geometry:
+    """Turn a geometry name or object into a :class:`Geometry`, with a clear error for anything else."""
+    if isinstance(geometry, Geometry):
+        return geometry
+    if isinstance(geometry, str) and geometry in _NAMED:
+        return _NAMED[geometry]()
+    raise ValueError(f"`{argument}` must be one of {sorted(_NAMED)} or a `Geometry` instance, got {geometry!r}.")

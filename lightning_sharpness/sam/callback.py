@@ -1,0 +1,336 @@
+"""SAM for modules with automatic optimization: one callback, every Lightning feature kept.
+
+Where the work happens, and why there:
+
+* ``on_before_backward`` sees Lightning's loss ``L(w)``; in local mode the gradients accumulated by earlier
+  micro-batches are set aside, so the backward that follows yields this micro-batch's ``g`` alone.
+* ``on_after_backward`` holds ``g`` (still multiplied by the GradScaler's scale under fp16). The callback moves
+  to ``w + e(g)``, recomputes the same batch through ``strategy.training_step`` (autocast and DDP forward
+  redirection apply), back-propagates the perturbed loss through the precision plugin (scaled by the same
+  scale) onto the set-aside gradients, and restores ``w`` bitwise. Lightning then unscales once, runs
+  ``on_before_optimizer_step``, clips (``gradient_clip_val`` applies to the SAM gradient) and steps. An fp16
+  overflow in either pass leaves an inf in the gradient, so the scaler skips the step and backs off exactly
+  as in plain GradScaler training.
+* Under DDP in local mode the ordinary pass runs under ``no_sync`` and only the perturbed pass all-reduces:
+  one gradient all-reduce per step, as in plain DDP training.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.strategies import FSDPStrategy, ParallelStrategy
+from lightning.pytorch.utilities.signature_utils import is_param_in_hook_signature
+from torch import Tensor
+
+from lightning_sharpness.geometry import AdaptiveGeometry, Geometry
+from lightning_sharpness.sam.engine import RhoLike, SAMEngine, SAMStepStats, all_finite
+from lightning_sharpness.selection import ParameterFilter
+
+__all__ = ["ASAM", "SAM", "USAM"]
+
+
+class SAM(Callback):
+    r"""Sharpness-aware minimization (Foret et al., 2021) for any LightningModule with automatic optimization.
+
+    At every optimizer step the gradient ``g`` at ``w`` comes from Lightning's own pass; the callback adds the
+    gradient at ``w + e`` with ``e = rho T^2 g / ||T g||`` (``T = 1`` in the standard geometry), restores ``w``
+    exactly and lets the optimizer step with the perturbed gradient.
+
+    Args:
+        rho: perturbation radius, a number or a schedule (:class:`~lightning_sharpness.LinearRho`, ...).
+        geometry: ``"standard"``, ``"adaptive"`` (ASAM, see :class:`ASAM`) or a :class:`Geometry`.
+        normalize: ``False`` gives unnormalized SAM, ``e = rho T^2 g`` (see :class:`USAM`).
+        m: m-sharpness: each chunk of ``m`` examples of a device batch is perturbed by its own gradient and
+            the perturbed gradients are averaged weighted by chunk size (a last, smaller chunk weighs less).
+            Costs one extra forward-backward per step (the per-chunk gradients at ``w``). ``None``: n-SAM.
+        perturb: ``"all"`` trainable parameters, ``"norm"`` layers only (SAM-ON), or ``(name, param) -> bool``.
+        start_step: ERM until this global step, SAM from it on.
+        start_epoch: ERM until this epoch, SAM from it on (both conditions must hold).
+        mode: ``"local"`` (default): each micro-batch on each device is perturbed by its own gradient, as in
+            the original SAM code; ``"global"``: one perturbation from the gradient accumulated over all
+            micro-batches and all-reduced over devices, then all micro-batches recomputed at ``w + e``.
+        bn_update: ``"first"``: normalization running statistics follow Lightning's pass only; ``"both"``.
+        log_diagnostics: log ``sam/rho``, ``sam/grad_norm``, ``sam/perturbed_loss``, ``sam/sharpness_gap``
+            (``L(w + e) - L(w)``) and ``sam/skipped_steps`` at every step.
+
+    Example::
+
+        trainer = Trainer(callbacks=[SAM(rho=0.05)])
+    """
+
+    def __init__(
+        self,
+        rho: RhoLike = 0.05,
+        geometry: str | Geometry = "standard",
+        normalize: bool = True,
+        m: int | None = None,
+        perturb: ParameterFilter = "all",
+        start_step: int = 0,
+        start_epoch: int = 0,
+        mode: str = "local",
+        bn_update: str = "first",
+        log_diagnostics: bool = True,
+    ) -> None:
+        for name, value in (("start_step", start_step), ("start_epoch", start_epoch)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"`{name}` must be an integer >= 0, got {value!r}.")
+        self.engine = SAMEngine(
+            rho=rho, geometry=geometry, normalize=normalize, m=m, perturb=perturb, bn_update=bn_update, mode=mode
+        )
+        self.start_step = start_step
+        self.start_epoch = start_epoch
+        self.log_diagnostics = log_diagnostics
+        self.skipped_steps = 0
+        self._reset_step()
+        self._sync_blocker = ExitStack()
+
+    def _reset_step(self) -> None:
+        self._active = False
+        self._stats = SAMStepStats()
+        self._stash: list[Tensor | None] = []
+        self._micro_batches: list[tuple[Any, int]] = []
+        self._micro_count = 0
+
+    # ---------------------------------------------------------------- validation before any step
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage != "fit":
+            return
+        if not pl_module.automatic_optimization:
+            raise ValueError(
+                "The SAM callback needs automatic optimization, but "
+                f"{type(pl_module).__name__}.automatic_optimization is False. For manual optimization, mix "
+                "`lightning_sharpness.SAMMixin` into the module and call `self.sam_step(...)` in training_step."
+            )
+        if trainer.strategy.handles_gradient_accumulation:
+            raise ValueError(
+                f"The SAM callback cannot run under {type(trainer.strategy).__name__}, which accumulates and steps "
+                "gradients itself; use DDP or FSDP."
+            )
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        for optimizer in trainer.optimizers:
+            if isinstance(optimizer, torch.optim.LBFGS):
+                raise ValueError(
+                    "The SAM callback cannot wrap torch.optim.LBFGS: it re-evaluates the loss through a closure of "
+                    "its own, so the perturbed gradient would be replaced. Use a first-order optimizer."
+                )
+        self.engine.bind(pl_module)
+
+    # ---------------------------------------------------------------- the step
+    def _sam_is_on(self, trainer: pl.Trainer) -> bool:
+        return trainer.global_step >= self.start_step and trainer.current_epoch >= self.start_epoch
+
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        if self._micro_count == 0:
+            self._reset_step()
+        self._active = self._sam_is_on(trainer)
+        self._micro_count += 1
+        self._stepping = not trainer.fit_loop._should_accumulate()  # private, but the one source of truth
+        if not self._active:
+            return
+        self._stats.rho = self.engine.rho_at(trainer.global_step)
+        if self.engine.mode == "global":
+            self._micro_batches.append((batch, batch_idx))
+        elif self._stepping and isinstance(trainer.strategy, ParallelStrategy):
+            # Local mode: Lightning's pass must not all-reduce; the perturbed pass of this micro-batch will.
+            self._sync_blocker.enter_context(trainer.strategy.block_backward_sync())
+        self._batch, self._batch_idx = batch, batch_idx
+
+    def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: Tensor) -> None:
+        if not self._active:
+            return
+        self._stats.loss = _add(self._stats.loss, loss.detach() / _loss_scale(trainer))
+        if self.engine.mode == "local":
+            self._stash = self.engine.take_grads()
+
+    def on_after_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not self._active:
+            return
+        if self.engine.mode == "local":
+            self._local_sam_pass(trainer, pl_module)
+        elif self._stepping:
+            self._global_sam_pass(trainer, pl_module)
+
+    def _local_sam_pass(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        engine, k, scale = self.engine, trainer.accumulate_grad_batches, _loss_scale(trainer)
+        chunks = engine.chunks(self._batch)
+        with engine.frozen_norm_stats():
+            for i, (chunk, weight) in enumerate(chunks):
+                last = i == len(chunks) - 1
+                if len(chunks) > 1:
+                    # m-sharpness: this chunk's own gradient at w (Lightning's pass gave the whole batch's).
+                    engine.take_grads()
+                    self._backward(trainer, pl_module, self._loss(trainer, pl_module, chunk), k / scale)
+                grad_norm = self._perturb(trainer, grad_divisor=scale / k)
+                if grad_norm is None:
+                    # Non-finite g: keep it in the gradient so the step is skipped (the scaler backs off),
+                    # but still run the pass so every DDP process joins the same all-reduce.
+                    self._stash = _sum_grads(self._stash, engine.take_grads())
+                engine.put_grads(self._stash)
+                if last:
+                    self._sync_blocker.close()
+                perturbed = self._loss(trainer, pl_module, chunk)
+                self._backward(trainer, pl_module, perturbed * weight, k / scale)
+                if grad_norm is not None:
+                    engine.restore()
+                self._stash = engine.take_grads()
+                self._record(perturbed.detach() * weight / k, grad_norm)
+        engine.put_grads(self._stash)
+        self._stash = []
+
+    def _global_sam_pass(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        engine, k, scale = self.engine, trainer.accumulate_grad_batches, _loss_scale(trainer)
+        grad_norm = self._perturb(trainer, grad_divisor=scale)
+        if grad_norm is None:
+            return  # the non-finite gradient stays; the step is skipped
+        parallel = isinstance(trainer.strategy, ParallelStrategy)
+        with engine.frozen_norm_stats():
+            for i, (batch, batch_idx) in enumerate(self._micro_batches):
+                with ExitStack() as no_sync:
+                    if parallel and i < len(self._micro_batches) - 1:
+                        no_sync.enter_context(trainer.strategy.block_backward_sync())
+                    perturbed = self._loss(trainer, pl_module, batch, batch_idx)
+                    self._backward(trainer, pl_module, perturbed, k / scale)
+                self._record(perturbed.detach() / k, None)
+        engine.restore()
+        self._stats.grad_norm = grad_norm
+
+    def _perturb(self, trainer: pl.Trainer, grad_divisor: float) -> Tensor | None:
+        reduce = None
+        if isinstance(trainer.strategy, FSDPStrategy):
+            # Sharded parameters: each process holds a slice of g, so the norm is a sum over processes.
+            def reduce(sq: Tensor) -> Tensor:
+                return trainer.strategy.reduce(sq.to(trainer.strategy.root_device), reduce_op="sum")
+
+        return self.engine.perturb(self._stats.rho, grad_divisor=grad_divisor, reduce_sq_norm=reduce)
+
+    def _record(self, perturbed_loss: Tensor, grad_norm: Tensor | None) -> None:
+        self._stats.perturbed_loss = _add(self._stats.perturbed_loss, perturbed_loss)
+        if grad_norm is not None:
+            self._stats.grad_norm = grad_norm
+
+    def _loss(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int | None = None
+    ) -> Tensor:
+        """The training loss of ``batch`` through the strategy's own path, with the module's logging muted."""
+        batch_idx = self._batch_idx if batch_idx is None else batch_idx
+        args = (
+            (batch, batch_idx)
+            if is_param_in_hook_signature(pl_module.training_step, "batch_idx", min_args=2)
+            else (batch,)
+        )
+        with _muted_logging(pl_module):
+            output = trainer.strategy.training_step(*args)
+        loss = output["loss"] if isinstance(output, dict) else output
+        if not isinstance(loss, Tensor):
+            raise RuntimeError(
+                "SAM recomputed `training_step` at the perturbed weights and it returned no loss "
+                f"(got {type(output).__name__}); training_step must return a loss whenever it did at w."
+            )
+        return loss
+
+    def _backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: Tensor, divisor: float) -> None:
+        """Back-propagate ``loss / divisor`` as Lightning's closure would, without firing the backward hooks."""
+        loss = loss * (1.0 / divisor) if divisor != 1.0 else loss
+        trainer.precision_plugin.backward(loss, pl_module, trainer.optimizers[0])
+
+    def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:
+        if not self._active:
+            self._micro_count = 0
+            return
+        grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        if not all_finite(grads):
+            self.skipped_steps += 1
+            if getattr(trainer.precision_plugin, "scaler", None) is None:
+                # No scaler to skip the step for us: without gradients the optimizer leaves every weight alone.
+                optimizer.zero_grad(set_to_none=True)
+        if self.log_diagnostics:
+            self._log(pl_module)
+        self._micro_count = 0
+
+    def _log(self, pl_module: pl.LightningModule) -> None:
+        stats = self._stats
+        metrics: dict[str, Any] = {"sam/rho": stats.rho, "sam/skipped_steps": float(self.skipped_steps)}
+        if stats.grad_norm is not None:
+            metrics["sam/grad_norm"] = stats.grad_norm.detach().float()
+        if stats.perturbed_loss is not None and stats.loss is not None:
+            metrics["sam/perturbed_loss"] = stats.perturbed_loss.float()
+            metrics["sam/sharpness_gap"] = (stats.perturbed_loss - stats.loss).float()
+        pl_module.log_dict(metrics, on_step=True, on_epoch=False)
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
+        self._sync_blocker.close()  # in case training_step returned None and no backward ran
+
+    # ---------------------------------------------------------------- checkpointing
+    def state_dict(self) -> dict[str, Any]:
+        return {"skipped_steps": self.skipped_steps}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.skipped_steps = state_dict["skipped_steps"]
+
+
+class ASAM(SAM):
+    """Adaptive SAM (Kwon et al., 2021): the adaptive geometry ``T = |w| + eta``, ``e = rho T^2 g / ||T g||``.
+
+    ``eta=0.0`` gives the element-wise form of the most used PyTorch implementation.
+
+    Example::
+
+        trainer = Trainer(callbacks=[ASAM(rho=0.5, eta=0.01)])
+    """
+
+    def __init__(self, rho: RhoLike = 0.5, eta: float = 0.01, **kwargs: Any) -> None:
+        super().__init__(rho=rho, geometry=AdaptiveGeometry(eta), **kwargs)
+
+
+class USAM(SAM):
+    """Unnormalized SAM: ``e = rho g`` (Andriushchenko & Flammarion, 2022; the seed talk's USAM).
+
+    Example::
+
+        trainer = Trainer(callbacks=[USAM(rho=0.05)])
+    """
+
+    def __init__(self, rho: RhoLike = 0.05, **kwargs: Any) -> None:
+        super().__init__(rho=rho, normalize=False, **kwargs)
+
+
+def _loss_scale(trainer: pl.Trainer) -> float:
+    scaler = getattr(trainer.precision_plugin, "scaler", None)
+    return float(scaler.get_scale()) if scaler is not None and scaler.is_enabled() else 1.0
+
+
+def _add(total: Tensor | None, value: Tensor) -> Tensor:
+    return value if total is None else total + value
+
+
+def _sum_grads(a: list[Tensor | None], b: list[Tensor | None]) -> list[Tensor | None]:
+    if not a:
+        return b
+    return [x if y is None else y if x is None else x + y for x, y in zip(a, b)]
+
+
+@contextmanager
+def _muted_logging(pl_module: pl.LightningModule) -> Iterator[None]:
+    """Make ``self.log``/``self.log_dict`` no-ops: SAM's extra passes must not log perturbed values."""
+    had = {name: pl_module.__dict__[name] for name in ("log", "log_dict") if name in pl_module.__dict__}
+    pl_module.log = _noop  # type: ignore[method-assign]
+    pl_module.log_dict = _noop  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        for name in ("log", "log_dict"):
+            pl_module.__dict__.pop(name, None)
+        pl_module.__dict__.update(had)
+
+
+def _noop(*args: Any, **kwargs: Any) -> None:
+    return None

@@ -1,0 +1,121 @@
+"""Small models, data and a LightningModule shared by the tests."""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.loggers import Logger
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+
+def mlp(seed: int = 0, d_in: int = 8, hidden: int = 16, classes: int = 3) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(
+        nn.Linear(d_in, hidden), nn.Tanh(), nn.Linear(hidden, hidden), nn.Tanh(), nn.Linear(hidden, classes)
+    )
+
+
+def cnn_bn(seed: int = 0, classes: int = 3) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(
+        nn.Conv2d(1, 4, 3, padding=1),
+        nn.BatchNorm2d(4),
+        nn.ReLU(),
+        nn.AvgPool2d(2),
+        nn.Flatten(),
+        nn.Linear(4 * 4 * 4, classes),
+    )
+
+
+def classification_data(n: int = 64, d_in: int = 8, classes: int = 3, seed: int = 1, image: bool = False):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 1, 8, 8, generator=g) if image else torch.randn(n, d_in, generator=g)
+    y = torch.randint(0, classes, (n,), generator=g)
+    return x, y
+
+
+def loader(x, y, batch_size: int = 16) -> DataLoader:
+    return DataLoader(TensorDataset(x, y), batch_size=batch_size, shuffle=False)
+
+
+class Classifier(pl.LightningModule):
+    """Cross-entropy classifier that records what each training_step call saw."""
+
+    def __init__(self, net: nn.Module, optimizer=None, scheduler=None) -> None:
+        super().__init__()
+        self.net = net
+        self.make_optimizer = optimizer or (lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9))
+        self.make_scheduler = scheduler
+        self.calls: list[dict[str, Any]] = []
+
+    def forward(self, x):
+        return self.net(x)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        out = self(x)
+        loss = F.cross_entropy(out.float(), y)
+        self.calls.append({"loss": loss.item(), "dtype": out.dtype, "n": x.shape[0]})
+        self.log("train_loss", loss)
+        return loss
+
+    def configure_optimizers(self):
+        opt = self.make_optimizer(self.parameters())
+        if self.make_scheduler is None:
+            return opt
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": self.make_scheduler(opt), "interval": "step"}}
+
+
+class RecordingLogger(Logger):
+    """Keeps every `log_metrics` call so tests can check what was logged, when and how often."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.records: list[tuple[int, dict[str, float]]] = []
+
+    @property
+    def name(self) -> str:
+        return "recording"
+
+    @property
+    def version(self) -> int:
+        return 0
+
+    def log_hyperparams(self, params, *args, **kwargs) -> None:
+        pass
+
+    def log_metrics(self, metrics, step=None) -> None:
+        self.records.append((step, dict(metrics)))
+
+    def values(self, key: str) -> list[tuple[int, float]]:
+        return [(s, m[key]) for s, m in self.records if key in m]
+
+
+def trainer(**kwargs) -> pl.Trainer:
+    defaults = dict(
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        max_epochs=1,
+    )
+    defaults.update(kwargs)
+    return pl.Trainer(**defaults)
+
+
+def clone(module: nn.Module) -> nn.Module:
+    return copy.deepcopy(module)
+
+
+def assert_same_weights(a: nn.Module, b: nn.Module, atol: float = 1e-6) -> None:
+    for (name, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items()):
+        assert torch.allclose(x.float(), y.float(), atol=atol, rtol=0), (
+            f"{name}: max diff {(x.float() - y.float()).abs().max()}"
+        )
