@@ -1,6 +1,8 @@
 """Sharpness-aware training and sharpness measurement for PyTorch Lightning."""
 
-from lightning_sharpness.geometry import AdaptiveGeometry, Geometry, StandardGeometry
+from lightning_sharpness import measures
+from lightning_sharpness.curvature import DenseOperator, HessianOperator
+from lightning_sharpness.geometry import AdaptiveGeometry, GeodesicGeometry, Geometry, StandardGeometry
 from lightning_sharpness.sam import (
     ASAM,
     SAM,
@@ -10,6 +12,7 @@ from lightning_sharpness.sam import (
     LinearRho,
     RhoSchedule,
     SAMEngine,
+    SAMMixin,
     StepRho,
 )
 from lightning_sharpness.selection import select_parameters
@@ -21,6 +24,7 @@ __all__ = [
     "ASAM",
     "USAM",
     "SAMEngine",
+    "SAMMixin",
     "RhoSchedule",
     "ConstantRho",
     "LinearRho",
@@ -29,5 +33,9 @@ __all__ = [
     "Geometry",
     "StandardGeometry",
     "AdaptiveGeometry",
+    "GeodesicGeometry",
+    "HessianOperator",
+    "DenseOperator",
+    "measures",
     "select_parameters",
 ]

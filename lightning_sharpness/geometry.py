@@ -75,11 +75,12 @@ class Geometry:
         return norm
 
     def sq_norm(self, params: Sequence[Tensor], steps: Sequence[Tensor]) -> Tensor:
-        """``||delta / T||_2^2``: the squared size of a perturbation in this geometry (0-dim fp32)."""
-        terms = [torch.zeros(())]
+        """``||delta / T||_2^2``: the squared size of a perturbation in this geometry (0-dim fp64, so that a
+        projection onto the ball is exact to the parameters' precision)."""
+        terms = [torch.zeros((), dtype=torch.float64)]
         for p, d in zip(params, steps):
             t = self.scale(p)
-            terms.append((d if t is None else d / t).detach().float().pow(2).sum())
+            terms.append((d if t is None else d / t).detach().double().pow(2).sum().cpu())
         return torch.stack(terms).sum()
 
     def linf_norm(self, params: Sequence[Tensor], steps: Sequence[Tensor]) -> Tensor:
@@ -159,8 +160,322 @@ class AdaptiveGeometry(Geometry):
         return f"AdaptiveGeometry(eta={self.eta})"
 
 
+# ---------------------------------------------------------------------------------------------- geodesic
+_Piece = tuple[str, str, slice]  # (parameter name, "rows" | "cols" | "bias", which rows/columns/entries)
 
-_NAMED = {"standard": StandardGeometry, "adaptive": AdaptiveGeometry}
+
+class _Block:
+    """One head's factor pair ``(G, H)`` whose product ``G H^T`` is all the network sees (``G -> G A``,
+    ``H -> H A^-T`` for any invertible ``A`` leaves it unchanged). Each factor is stacked from pieces of
+    parameters: the head's rows of a projection weight (transposed), its columns, or its bias entries (one
+    extra row, since the biases transform with the same ``A``)."""
+
+    def __init__(self, g: list[_Piece], h: list[_Piece]) -> None:
+        self.factors = (g, h)
+
+    def names(self) -> set[str]:
+        return {piece[0] for factor in self.factors for piece in factor}
+
+    @staticmethod
+    def gather(factor: list[_Piece], tensors: dict[str, Tensor]) -> Tensor:
+        parts = []
+        for name, kind, idx in factor:
+            t = tensors[name]
+            parts.append(t[idx].T if kind == "rows" else t[:, idx] if kind == "cols" else t[idx][None, :])
+        return torch.cat(parts, 0)
+
+    @staticmethod
+    def scatter(factor: list[_Piece], tensors: dict[str, Tensor], matrix: Tensor) -> None:
+        start = 0
+        for name, kind, idx in factor:
+            t = tensors[name]
+            if kind == "rows":
+                n = t[idx].shape[1]
+                t[idx] = matrix[start : start + n].T
+            elif kind == "cols":
+                n = t.shape[0]
+                t[:, idx] = matrix[start : start + n]
+            else:
+                n = 1
+                t[idx] = matrix[start]
+            start += n
+
+
+def _horizontal(G: Tensor, H: Tensor, xg: Tensor, xh: Tensor) -> tuple[Tensor, Tensor]:
+    """Remove from ``(xg, xh)`` its component along the orbit ``{(G L, -H L^T)}``, orthogonally in the metric.
+
+    Solves the Sylvester equation ``K L + L K = Q G^T xg - xh^T H P`` with ``K = Q P``, ``P = G^T G``,
+    ``Q = H^T H``, by diagonalizing the symmetric ``P^1/2 Q P^1/2``.
+    """
+    P, Q = G.T @ G, H.T @ H
+    ep, up = torch.linalg.eigh(P)
+    sqrt_p = (up * ep.sqrt()) @ up.T
+    inv_sqrt_p = (up / ep.sqrt()) @ up.T
+    d, u = torch.linalg.eigh(sqrt_p @ Q @ sqrt_p)
+    V, V_inv = inv_sqrt_p @ u, u.T @ sqrt_p
+    C = Q @ G.T @ xg - xh.T @ H @ P
+    L = V @ ((V_inv @ C @ V) / (d[:, None] + d[None, :])) @ V_inv
+    return xg - G @ L, xh + H @ L.T
+
+
+class GeodesicGeometry(AdaptiveGeometry):
+    """Symmetry-aware geometry for attention ("Hide & Seek", da Silva, Dangel & Oore, 2025).
+
+    Per head, the query/key pair ``(G, H) = (W_q^T, W_k^T)`` and the value/output pair ``(W_v^T, W_o)`` carry a
+    GL(h) symmetry. On each pair this geometry uses the GL(h)-invariant metric
+    ``<xi, eta> = tr((G^T G)^-1 xi_G^T eta_G) + tr((H^T H)^-1 xi_H^T eta_H)`` (Mishra et al., 2014), keeps
+    perturbations horizontal (orthogonal to the symmetry orbit) and moves along the second-order geodesic
+    ``x + xi - Gamma(xi, xi) / 2`` with ``Gamma_G(xi, xi) = G P^-1 xi^T xi - xi P^-1 (xi^T G + G^T xi)``.
+    All other parameters use the adaptive geometry (``T = |w| + eta``). Balls are l2 only.
+
+    :meth:`bind` finds every ``nn.MultiheadAttention`` (so ``nn.TransformerEncoderLayer`` and friends work as
+    they are); custom attention is declared with ``qk_pairs`` / ``vo_pairs``: ``(query, key, heads)`` and
+    ``(value, output, heads)`` names of ``nn.Linear`` modules, relative to the bound module.
+
+    Example::
+
+        geo = GeodesicGeometry(qk_pairs=[("attn.q", "attn.k", 4)], vo_pairs=[("attn.v", "attn.o", 4)])
+        worst_case_sharpness(model, loss_fn, batch, rho=0.05, geometry=geo)
+
+    For SAM: :meth:`retract_` also overwrites the steps with the displacement actually taken.
+    """
+
+    name = "geodesic"
+    norms = ("l2",)
+
+    def __init__(
+        self,
+        eta: float = 0.01,
+        qk_pairs: Sequence[tuple[str, str, int]] = (),
+        vo_pairs: Sequence[tuple[str, str, int]] = (),
+    ) -> None:
+        super().__init__(eta)
+        for arg, pairs in (("qk_pairs", qk_pairs), ("vo_pairs", vo_pairs)):
+            for pair in pairs:
+                if not (
+                    isinstance(pair, (tuple, list))
+                    and len(pair) == 3
+                    and isinstance(pair[0], str)
+                    and isinstance(pair[1], str)
+                    and isinstance(pair[2], int)
+                    and pair[2] >= 1
+                ):
+                    raise ValueError(f"`{arg}` entries must be (name, name, heads >= 1), got {pair!r}.")
+        self.qk_pairs = [tuple(p) for p in qk_pairs]
+        self.vo_pairs = [tuple(p) for p in vo_pairs]
+        self.blocks: list[_Block] = []
+        self._by_id: dict[int, str] = {}
+
+    # ------------------------------------------------------------------ structure
+    def bind(self, module: torch.nn.Module, named_params: Sequence[tuple[str, Tensor]]) -> None:
+        chosen = {name for name, _ in named_params}
+        self._by_id = {id(p): name for name, p in named_params}
+        blocks: list[_Block] = []
+        modules = dict(module.named_modules())
+        for prefix, m in modules.items():
+            if isinstance(m, torch.nn.MultiheadAttention):
+                blocks += self._mha_blocks(prefix, m)
+        for kind, pairs in (("qk", self.qk_pairs), ("vo", self.vo_pairs)):
+            for first, second, heads in pairs:
+                for name in (first, second):
+                    if not isinstance(modules.get(name), torch.nn.Linear):
+                        raise ValueError(f"`{kind}_pairs`: {name!r} is not an nn.Linear of {type(module).__name__}.")
+                blocks += self._linear_blocks(kind, first, modules[first], second, modules[second], heads)
+        self.blocks = [b for b in blocks if b.names() <= chosen]
+
+    @staticmethod
+    def _head_slices(total: int, heads: int, where: str) -> list[slice]:
+        if total % heads:
+            raise ValueError(f"`{where}`: {total} features do not split into {heads} heads.")
+        h = total // heads
+        return [slice(i * h, (i + 1) * h) for i in range(heads)]
+
+    def _mha_blocks(self, prefix: str, m: torch.nn.MultiheadAttention) -> list[_Block]:
+        pre = f"{prefix}." if prefix else ""
+        e, heads = m.embed_dim, m.num_heads
+        bias = m.in_proj_bias is not None
+        out = []
+        for sl in self._head_slices(e, heads, prefix or "MultiheadAttention"):
+            def rows(which: int, sl: slice = sl) -> slice:
+                return slice(which * e + sl.start, which * e + sl.stop)
+
+            if m._qkv_same_embed_dim:
+                q = [(f"{pre}in_proj_weight", "rows", rows(0))]
+                k = [(f"{pre}in_proj_weight", "rows", rows(1))]
+                v = [(f"{pre}in_proj_weight", "rows", rows(2))]
+            else:
+                q = [(f"{pre}q_proj_weight", "rows", sl)]
+                k = [(f"{pre}k_proj_weight", "rows", sl)]
+                v = [(f"{pre}v_proj_weight", "rows", sl)]
+            if bias:
+                q.append((f"{pre}in_proj_bias", "bias", rows(0)))
+                k.append((f"{pre}in_proj_bias", "bias", rows(1)))
+                v.append((f"{pre}in_proj_bias", "bias", rows(2)))
+            o = [(f"{pre}out_proj.weight", "cols", sl)]
+            out += [_Block(q, k), _Block(v, o)]
+        return out
+
+    def _linear_blocks(
+        self, kind: str, first: str, a: torch.nn.Linear, second: str, b: torch.nn.Linear, heads: int
+    ) -> list[_Block]:
+        out = []
+        sa = self._head_slices(a.out_features, heads, f"{kind}_pairs {first}")
+        sb = self._head_slices(b.out_features if kind == "qk" else b.in_features, heads, f"{kind}_pairs {second}")
+        for s1, s2 in zip(sa, sb):
+            g = [(f"{first}.weight", "rows", s1)] + ([(f"{first}.bias", "bias", s1)] if a.bias is not None else [])
+            if kind == "qk":
+                h = [(f"{second}.weight", "rows", s2)]
+                h += [(f"{second}.bias", "bias", s2)] if b.bias is not None else []
+            else:
+                h = [(f"{second}.weight", "cols", s2)]
+            out.append(_Block(g, h))
+        return out
+
+    def _active(self, params: Sequence[Tensor]) -> tuple[dict[str, int], list[_Block]]:
+        index = {self._by_id[id(p)]: i for i, p in enumerate(params) if id(p) in self._by_id}
+        return index, [b for b in self.blocks if b.names() <= index.keys()]
+
+    def _covered(self, params: Sequence[Tensor], blocks: list[_Block], index: dict[str, int]) -> list[Tensor | None]:
+        """Per tensor, a 0/1 mask of the elements handled by blocks (``None`` where none is)."""
+        masks: list[Tensor | None] = [None] * len(params)
+        for b in blocks:
+            for factor in b.factors:
+                for name, kind, idx in factor:
+                    i = index[name]
+                    if masks[i] is None:
+                        masks[i] = torch.zeros_like(params[i], dtype=torch.bool)
+                    mask = masks[i]
+                    if kind == "cols":
+                        mask[:, idx] = True
+                    else:
+                        mask[idx] = True
+        return masks
+
+    def _factors(self, b: _Block, index: dict[str, int], tensors: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
+        named = {name: tensors[i] for name, i in index.items()}
+        return b.gather(b.factors[0], named), b.gather(b.factors[1], named)
+
+    def _write(self, b: _Block, index: dict[str, int], tensors: Sequence[Tensor], g: Tensor, h: Tensor) -> None:
+        named = {name: tensors[i] for name, i in index.items()}
+        b.scatter(b.factors[0], named, g)
+        b.scatter(b.factors[1], named, h)
+
+    # ------------------------------------------------------------------ metric
+    def dual_sq_norm(self, params: Sequence[Tensor], grads: Sequence[Tensor]) -> Tensor:
+        index, blocks = self._active(params)
+        masks = self._covered(params, blocks, index)
+        grads = [g.detach().float() for g in grads]
+        pf = [p.detach().float() for p in params]
+        terms = [torch.zeros(())]
+        for p, g, mask in zip(pf, grads, masks):
+            tg = g * self.scale(p)
+            terms.append((tg if mask is None else tg.masked_fill(mask, 0)).pow(2).sum())
+        for b in blocks:
+            # the metric norm of the horizontal Riemannian gradient: what ascent_ turns the gradient into
+            G, H = self._factors(b, index, pf)
+            dg, dh = self._factors(b, index, grads)
+            P, Q = G.T @ G, H.T @ H
+            rg, rh = _horizontal(G, H, dg @ P, dh @ Q)
+            terms.append((torch.linalg.solve(P, rg.T) * rg.T).sum() + (torch.linalg.solve(Q, rh.T) * rh.T).sum())
+        return torch.stack(terms).sum()
+
+    def sq_norm(self, params: Sequence[Tensor], steps: Sequence[Tensor]) -> Tensor:
+        index, blocks = self._active(params)
+        masks = self._covered(params, blocks, index)
+        steps = [d.detach().double() for d in steps]
+        pf = [p.detach().double() for p in params]
+        terms = [torch.zeros((), dtype=torch.float64, device=pf[0].device if pf else None)]
+        for p, d, mask in zip(pf, steps, masks):
+            u = d / self.scale(p)
+            terms.append((u if mask is None else u.masked_fill(mask, 0)).pow(2).sum())
+        for b in blocks:
+            G, H = self._factors(b, index, pf)
+            xg, xh = self._factors(b, index, steps)
+            terms.append(
+                (torch.linalg.solve(G.T @ G, xg.T) * xg.T).sum() + (torch.linalg.solve(H.T @ H, xh.T) * xh.T).sum()
+            )
+        return torch.stack(terms).sum()
+
+    def horizontal_(self, params: Sequence[Tensor], steps: Sequence[Tensor]) -> None:
+        """Project the steps of every head pair, in place, onto the horizontal space (no symmetry direction)."""
+        index, blocks = self._active(params)
+        with torch.no_grad():
+            for b in blocks:
+                G, H = self._factors(b, index, [p.detach() for p in params])
+                xg, xh = self._factors(b, index, steps)
+                xg, xh = _horizontal(G, H, xg, xh)
+                self._write(b, index, steps, xg, xh)
+
+    def ascent_(self, params: Sequence[Tensor], grads: Sequence[Tensor], coefficient: float | Tensor) -> None:
+        """``g -> coefficient * grad_R`` with the Riemannian gradient ``(g_G P, g_H Q)`` on head pairs, made
+        horizontal, and ``T^2 g`` elsewhere."""
+        index, blocks = self._active(params)
+        with torch.no_grad():
+            pd = [p.detach() for p in params]
+            riem = []
+            for b in blocks:
+                G, H = self._factors(b, index, pd)
+                dg, dh = self._factors(b, index, grads)
+                riem.append(_horizontal(G, H, dg @ (G.T @ G), dh @ (H.T @ H)))
+            for p, g in zip(pd, grads):
+                t = self.scale(p)
+                g.mul_(t).mul_(t)
+            for b, (rg, rh) in zip(blocks, riem):
+                self._write(b, index, grads, rg, rh)
+            for g in grads:
+                g.mul_(coefficient)
+
+    def linf_ascent_(self, params: Sequence[Tensor], grads: Sequence[Tensor], coefficient: float | Tensor) -> None:
+        raise ValueError("`norm='linf'` is not defined for the geodesic geometry; use norm='l2'.")
+
+    def project_(self, params: Sequence[Tensor], steps: Sequence[Tensor], rho: float, norm: str = "l2") -> None:
+        self.check_norm(norm)
+        self.horizontal_(params, steps)
+        super().project_(params, steps, rho, "l2")
+
+    def sample(self, params: Sequence[Tensor], generator: torch.Generator, norm: str = "l2") -> list[Tensor]:
+        """A standard Gaussian in the metric: ``T * N(0, 1)`` elsewhere and, per head pair, ``Z G`` with ``Z``
+        square standard normal (rows ``~ N(0, G^T G)``, equivariant under ``G -> G A``), made horizontal."""
+        self.check_norm(norm)
+        out = super().sample(params, generator, "l2")
+        index, blocks = self._active(params)
+        pd = [p.detach() for p in params]
+        for b in blocks:
+            G, H = self._factors(b, index, pd)
+            zg = torch.randn(G.shape[0], G.shape[0], generator=generator, dtype=G.dtype).to(G.device) @ G
+            zh = torch.randn(H.shape[0], H.shape[0], generator=generator, dtype=H.dtype).to(H.device) @ H
+            self._write(b, index, out, *_horizontal(G, H, zg, zh))
+        return out
+
+    # ------------------------------------------------------------------ moving
+    @staticmethod
+    def _geodesic(G: Tensor, xi: Tensor) -> Tensor:
+        P_inv_xtx = torch.linalg.solve(G.T @ G, xi.T @ xi)
+        P_inv_sym = torch.linalg.solve(G.T @ G, xi.T @ G + G.T @ xi)
+        return G + xi + 0.5 * (xi @ P_inv_sym) - 0.5 * (G @ P_inv_xtx)
+
+    def retract(self, params: Sequence[Tensor], steps: Sequence[Tensor]) -> list[Tensor]:
+        index, blocks = self._active(params)
+        out = [p.detach() + d for p, d in zip(params, steps)]
+        pd = [p.detach() for p in params]
+        for b in blocks:
+            G, H = self._factors(b, index, pd)
+            xg, xh = self._factors(b, index, steps)
+            self._write(b, index, out, self._geodesic(G, xg), self._geodesic(H, xh))
+        return out
+
+    def retract_(self, params: Sequence[Tensor], steps: Sequence[Tensor]) -> None:
+        with torch.no_grad():
+            moved = self.retract(params, steps)
+            for p, d, new in zip(params, steps, moved):
+                d.copy_(new - p)
+                p.copy_(new)
+
+    def __repr__(self) -> str:
+        return f"GeodesicGeometry(eta={self.eta}, heads_pairs={len(self.blocks)})"
+
+
+_NAMED = {"standard": StandardGeometry, "adaptive": AdaptiveGeometry, "geodesic": GeodesicGeometry}
 
 
 def resolve_geometry(geometry: str | Geometry, argument: str = "geometry") -> Geometry:
