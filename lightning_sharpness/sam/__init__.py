@@ -2,6 +2,18 @@
 
 from lightning_sharpness.sam.callback import ASAM, SAM, USAM
 from lightning_sharpness.sam.engine import SAMEngine
+from lightning_sharpness.sam.mixin import SAMMixin
 from lightning_sharpness.sam.schedules import ConstantRho, CosineRho, LinearRho, RhoSchedule, StepRho
 
-__all__ = ["ASAM", "SAM", "USAM", "ConstantRho", "CosineRho", "LinearRho", "RhoSchedule", "SAMEngine", "StepRho"]
+__all__ = [
+    "SAM",
+    "ASAM",
+    "USAM",
+    "SAMEngine",
+    "SAMMixin",
+    "RhoSchedule",
+    "ConstantRho",
+    "LinearRho",
+    "CosineRho",
+    "StepRho",
+]

@@ -17,7 +17,7 @@ Where the work happens, and why there:
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from typing import Any
 
@@ -29,7 +29,15 @@ from lightning.pytorch.utilities.signature_utils import is_param_in_hook_signatu
 from torch import Tensor
 
 from lightning_sharpness.geometry import AdaptiveGeometry, Geometry
-from lightning_sharpness.sam.engine import RhoLike, SAMEngine, SAMStepStats, all_finite
+from lightning_sharpness.sam.engine import (
+    RhoLike,
+    SAMEngine,
+    SAMStepStats,
+    _add,
+    accumulate_sam_gradient,
+    all_finite,
+    loss_scale,
+)
 from lightning_sharpness.selection import ParameterFilter
 
 __all__ = ["ASAM", "SAM", "USAM"]
@@ -160,31 +168,22 @@ class SAM(Callback):
             self._global_sam_pass(trainer, pl_module)
 
     def _local_sam_pass(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        engine, k, scale = self.engine, trainer.accumulate_grad_batches, _loss_scale(trainer)
-        chunks = engine.chunks(self._batch)
-        with engine.frozen_norm_stats():
-            for i, (chunk, weight) in enumerate(chunks):
-                last = i == len(chunks) - 1
-                if len(chunks) > 1:
-                    # m-sharpness: this chunk's own gradient at w (Lightning's pass gave the whole batch's).
-                    engine.take_grads()
-                    self._backward(trainer, pl_module, self._loss(trainer, pl_module, chunk), k / scale)
-                grad_norm = self._perturb(trainer, grad_divisor=scale / k)
-                if grad_norm is None:
-                    # Non-finite g: keep it in the gradient so the step is skipped (the scaler backs off),
-                    # but still run the pass so every DDP process joins the same all-reduce.
-                    self._stash = _sum_grads(self._stash, engine.take_grads())
-                engine.put_grads(self._stash)
-                if last:
-                    self._sync_blocker.close()
-                perturbed = self._loss(trainer, pl_module, chunk)
-                self._backward(trainer, pl_module, perturbed * weight, k / scale)
-                if grad_norm is not None:
-                    engine.restore()
-                self._stash = engine.take_grads()
-                self._record(perturbed.detach() * weight / k, grad_norm)
-        engine.put_grads(self._stash)
+        k, scale = trainer.accumulate_grad_batches, _loss_scale(trainer)
+        stats = accumulate_sam_gradient(
+            self.engine,
+            self._batch,
+            loss_of=lambda batch: self._loss(trainer, pl_module, batch),
+            backward=lambda loss: self._backward(trainer, pl_module, loss, k / scale),
+            rho=self._stats.rho,
+            grad_divisor=scale / k,
+            stash=self._stash,
+            first_grad_ready=True,
+            # Local mode under DDP: everything so far ran under no_sync; the last perturbed pass all-reduces.
+            before_last_perturbed_pass=self._sync_blocker.close,
+            reduce_sq_norm=self._sq_norm_reduction(trainer),
+        )
         self._stash = []
+        self._record(stats.perturbed_loss / k, stats.grad_norm)
 
     def _global_sam_pass(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         engine, k, scale = self.engine, trainer.accumulate_grad_batches, _loss_scale(trainer)
@@ -204,13 +203,19 @@ class SAM(Callback):
         self._stats.grad_norm = grad_norm
 
     def _perturb(self, trainer: pl.Trainer, grad_divisor: float) -> Tensor | None:
-        reduce = None
-        if isinstance(trainer.strategy, FSDPStrategy):
-            # Sharded parameters: each process holds a slice of g, so the norm is a sum over processes.
-            def reduce(sq: Tensor) -> Tensor:
-                return trainer.strategy.reduce(sq.to(trainer.strategy.root_device), reduce_op="sum")
-
+        reduce = self._sq_norm_reduction(trainer)
         return self.engine.perturb(self._stats.rho, grad_divisor=grad_divisor, reduce_sq_norm=reduce)
+
+    @staticmethod
+    def _sq_norm_reduction(trainer: pl.Trainer) -> Callable[[Tensor], Tensor] | None:
+        if not isinstance(trainer.strategy, FSDPStrategy):
+            return None
+
+        # Sharded parameters: each process holds a slice of g, so the squared norm is a sum over processes.
+        def reduce(sq: Tensor) -> Tensor:
+            return trainer.strategy.reduce(sq.to(trainer.strategy.root_device), reduce_op="sum")
+
+        return reduce
 
     def _record(self, perturbed_loss: Tensor, grad_norm: Tensor | None) -> None:
         self._stats.perturbed_loss = _add(self._stats.perturbed_loss, perturbed_loss)
@@ -304,18 +309,7 @@ class USAM(SAM):
 
 
 def _loss_scale(trainer: pl.Trainer) -> float:
-    scaler = getattr(trainer.precision_plugin, "scaler", None)
-    return float(scaler.get_scale()) if scaler is not None and scaler.is_enabled() else 1.0
-
-
-def _add(total: Tensor | None, value: Tensor) -> Tensor:
-    return value if total is None else total + value
-
-
-def _sum_grads(a: list[Tensor | None], b: list[Tensor | None]) -> list[Tensor | None]:
-    if not a:
-        return b
-    return [x if y is None else y if x is None else x + y for x, y in zip(a, b)]
+    return loss_scale(trainer.precision_plugin)
 
 
 @contextmanager

@@ -8,8 +8,8 @@ adaptive, geodesic), a parameter filter (all, SAM-ON, a mask), a radius schedule
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Any, Union
 
@@ -21,7 +21,7 @@ from lightning_sharpness.geometry import Geometry, resolve_geometry
 from lightning_sharpness.sam.schedules import RhoSchedule, validate_rho
 from lightning_sharpness.selection import ParameterFilter, select_parameters, validate_filter
 
-__all__ = ["SAMEngine", "SAMStepStats", "split_batch"]
+__all__ = ["SAMEngine", "SAMStepStats", "accumulate_sam_gradient", "split_batch"]
 
 RhoLike = Union[float, RhoSchedule]
 _BN_UPDATES = ("first", "both")
@@ -96,13 +96,23 @@ class SAMEngine:
         self._saved: list[Tensor] = []
 
     # ---------------------------------------------------------------- setup
-    def bind(self, module: nn.Module) -> None:
-        """Choose the perturbed parameters of ``module`` (raises if the filter selects none)."""
+    def bind(self, module: nn.Module, only: Iterable[Tensor] | None = None) -> None:
+        """Choose the perturbed parameters of ``module`` (raises if the filter selects none).
+
+        ``only`` restricts everything to the given parameters (those of one optimizer, for the mixin).
+        """
+        allowed = None if only is None else {id(p) for p in only}
         named = select_parameters(module, self.perturb_filter)
+        named = [(n, p) for n, p in named if allowed is None or id(p) in allowed]
+        if not named:
+            raise ValueError(
+                f"`perturb={self.perturb_filter!r}` selects none of the optimizer's parameters; nothing would be "
+                "perturbed. Use 'all', 'norm' (normalization layers) or a predicate that matches."
+            )
         self.geometry.bind(module, named)
         self._params = [p for _, p in named]
         # Gradients are set aside and released for every trainable parameter, perturbed or not.
-        self._trainable = [p for p in module.parameters() if p.requires_grad]
+        self._trainable = [p for p in module.parameters() if p.requires_grad and (allowed is None or id(p) in allowed)]
         self._norm_layers = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._NormBase)]
 
     @property
@@ -182,6 +192,64 @@ class SAMEngine:
         return split_batch(batch, self.m)
 
 
+def accumulate_sam_gradient(
+    engine: SAMEngine,
+    batch: Any,
+    loss_of: Callable[[Any], Tensor],
+    backward: Callable[[Tensor], None],
+    rho: float,
+    grad_divisor: float,
+    stash: list[Tensor | None],
+    first_grad_ready: bool,
+    before_last_perturbed_pass: Callable[[], None] = lambda: None,
+    reduce_sq_norm: Callable[[Tensor], Tensor] | None = None,
+) -> SAMStepStats:
+    """Add the SAM gradient of ``batch`` to ``stash`` and leave the sum in ``.grad``; the weights end bitwise as
+    they started.
+
+    For each chunk of ``engine.m`` examples (the whole batch when ``m`` is None): its gradient ``g`` at ``w``
+    (already in ``.grad`` when ``first_grad_ready`` and there is one chunk), the move to ``w + e(g)``, the
+    backward of ``|chunk| / |batch| * L(w + e)`` onto the running sum, and the exact undo. ``backward`` must
+    scale like the pass that produced ``g`` (``grad_divisor`` is that scale). A non-finite ``g`` is kept in the
+    sum, so the step is skipped downstream, but the perturbed pass still runs at ``w`` so that every process of
+    a DDP job joins the same all-reduce. ``before_last_perturbed_pass`` lets the caller enable gradient sync.
+    """
+    chunks = engine.chunks(batch)
+    stats = SAMStepStats(rho=rho)
+    for i, (chunk, weight) in enumerate(chunks):
+        if not (first_grad_ready and len(chunks) == 1):
+            engine.take_grads()  # a whole-batch gradient from the caller's pass is not this chunk's
+            with engine.frozen_norm_stats() if first_grad_ready else nullcontext():
+                loss = loss_of(chunk)
+                backward(loss)
+            stats.loss = _add(stats.loss, loss.detach() * weight)
+        grad_norm = engine.perturb(rho, grad_divisor, reduce_sq_norm)
+        if grad_norm is None:
+            stash = _sum_grads(stash, engine.take_grads())
+        else:
+            stats.grad_norm = grad_norm
+        engine.put_grads(stash)
+        if i == len(chunks) - 1:
+            before_last_perturbed_pass()
+        with engine.frozen_norm_stats():
+            perturbed = loss_of(chunk)
+            backward(perturbed * weight)
+        if grad_norm is not None:
+            engine.restore()
+        stash = engine.take_grads()
+        stats.perturbed_loss = _add(stats.perturbed_loss, perturbed.detach() * weight)
+    engine.put_grads(stash)
+    return stats
+
+
+def _add(total: Tensor | None, value: Tensor) -> Tensor:
+    return value if total is None else total + value
+
+
+def _sum_grads(a: list[Tensor | None], b: list[Tensor | None]) -> list[Tensor | None]:
+    return [x if y is None else y if x is None else x + y for x, y in zip(a, b)]
+
+
 def _batch_size(batch: Any) -> int:
     sizes = set()
     apply_to_collection(batch, Tensor, lambda t: sizes.add(t.shape[0]) if t.dim() > 0 else None)
@@ -210,6 +278,12 @@ def split_batch(batch: Any, m: int | None) -> list[tuple[Any, float]]:
         (apply_to_collection(batch, Tensor, lambda t, s=s: t[s : s + m] if t.dim() > 0 else t), min(m, n - s) / n)
         for s in starts
     ]
+
+
+def loss_scale(precision_plugin: Any) -> float:
+    """The GradScaler's current scale when the precision plugin has an enabled one, else 1."""
+    scaler = getattr(precision_plugin, "scaler", None)
+    return float(scaler.get_scale()) if scaler is not None and scaler.is_enabled() else 1.0
 
 
 def all_finite(tensors: list[Tensor]) -> bool:

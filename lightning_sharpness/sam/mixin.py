@@ -1,0 +1,125 @@
+"""SAM for modules that optimize by hand (``automatic_optimization = False``): GANs, several optimizers,
+custom loops. One call in ``training_step`` does both passes through ``manual_backward`` and steps through
+Lightning's optimizer wrapper, so precision plugins, ``global_step``, DDP and loggers behave as for any
+manual module."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from contextlib import ExitStack
+from typing import Any
+
+import torch
+from lightning.pytorch.core.optimizer import LightningOptimizer
+from lightning.pytorch.strategies import ParallelStrategy
+from torch import Tensor
+
+from lightning_sharpness.sam.engine import SAMEngine, accumulate_sam_gradient, all_finite, loss_scale
+
+__all__ = ["SAMMixin"]
+
+
+class SAMMixin:
+    """Mix into a ``LightningModule`` with manual optimization and call :meth:`sam_step` in ``training_step``.
+
+    The SAM variant is a :class:`~lightning_sharpness.SAMEngine` (every option of the ``SAM`` callback: rho or
+    a schedule, geometry, normalize, m, perturb, bn_update, mode), passed to ``sam_step`` or stored as
+    ``self.sam``; the default is ``SAMEngine(rho=0.05)``.
+
+    Example::
+
+        class GAN(SAMMixin, LightningModule):
+            def __init__(self):
+                super().__init__()
+                self.automatic_optimization = False
+                self.sam = SAMEngine(rho=0.05)
+
+            def training_step(self, batch, batch_idx):
+                d_opt, g_opt = self.optimizers()
+                self.toggle_optimizer(d_opt)
+                self.sam_step(d_opt, self.discriminator_loss, batch, log_prefix="sam/d/")
+                self.untoggle_optimizer(d_opt)
+                ...
+    """
+
+    def sam_step(
+        self,
+        optimizer: LightningOptimizer,
+        loss_fn: Callable[[Any], Tensor],
+        batch: Any,
+        sam: SAMEngine | None = None,
+        log_prefix: str | None = "sam/",
+    ) -> Tensor:
+        """Compute the SAM gradient of ``loss_fn(batch)`` for ``optimizer``'s parameters and take the step.
+
+        Gradients already in ``.grad`` are kept and the SAM gradient is added to them; after the step the
+        optimizer's gradients are zeroed. Under DDP in ``mode="local"`` the pass at ``w`` runs under
+        ``no_sync``: one gradient all-reduce per step. A non-finite gradient never reaches the weights: the
+        GradScaler skips the step (and backs off), or, without one, the step runs with no gradients.
+
+        Returns:
+            The loss at ``w`` (detached), for logging.
+        """
+        if self.automatic_optimization:
+            raise ValueError(
+                f"`{type(self).__name__}.sam_step` is for manual optimization, but automatic_optimization is True. "
+                "Either set `self.automatic_optimization = False`, or drop the mixin and add the "
+                "`lightning_sharpness.SAM` callback to the Trainer."
+            )
+        engine = self._sam_engine_for(optimizer, sam)
+        trainer = self.trainer
+        scale = loss_scale(trainer.precision_plugin)
+        rho = engine.rho_at(self.global_step)
+        with ExitStack() as no_sync:
+            if engine.mode == "local" and isinstance(trainer.strategy, ParallelStrategy):
+                no_sync.enter_context(trainer.strategy.block_backward_sync())
+            stats = accumulate_sam_gradient(
+                engine,
+                batch,
+                loss_of=loss_fn,
+                backward=self.manual_backward,
+                rho=rho,
+                grad_divisor=scale,
+                stash=engine.take_grads(),
+                first_grad_ready=False,
+                before_last_perturbed_pass=no_sync.close,
+            )
+        grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        finite = all_finite(grads)
+        if not finite:
+            self._sam_skipped_steps = getattr(self, "_sam_skipped_steps", 0) + 1
+            if getattr(trainer.precision_plugin, "scaler", None) is None:
+                optimizer.zero_grad(set_to_none=True)  # no scaler to skip for us: step without gradients
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if log_prefix is not None:
+            metrics = {
+                f"{log_prefix}rho": rho,
+                f"{log_prefix}perturbed_loss": stats.perturbed_loss.float(),
+                f"{log_prefix}sharpness_gap": (stats.perturbed_loss - stats.loss).float(),
+                f"{log_prefix}skipped_steps": float(getattr(self, "_sam_skipped_steps", 0)),
+            }
+            if stats.grad_norm is not None:
+                metrics[f"{log_prefix}grad_norm"] = stats.grad_norm.float()
+            self.log_dict(metrics, on_step=True, on_epoch=False)
+        return stats.loss
+
+    def _sam_engine_for(self, optimizer: LightningOptimizer, sam: SAMEngine | None) -> SAMEngine:
+        """One engine bound to each optimizer's parameters, made on first use."""
+        inner = optimizer.optimizer if isinstance(optimizer, LightningOptimizer) else optimizer
+        if isinstance(inner, torch.optim.LBFGS):
+            raise ValueError(
+                "`sam_step` cannot drive torch.optim.LBFGS: it re-evaluates the loss through a closure of its own, "
+                "so the perturbed gradient would be replaced. Use a first-order optimizer."
+            )
+        template = sam if sam is not None else getattr(self, "sam", None) or SAMEngine()
+        if not isinstance(template, SAMEngine):
+            raise ValueError(f"`sam` must be a `SAMEngine`, got {type(template).__name__}.")
+        bound = self.__dict__.setdefault("_sam_bound_engines", {})
+        key = (id(inner), id(template))
+        if key not in bound:
+            engine = copy.deepcopy(template)
+            engine.bind(self, only=[p for group in inner.param_groups for p in group["params"]])
+            bound[key] = engine
+        return bound[key]

@@ -1,0 +1,57 @@
+"""Picklable modules, callbacks and a counting DDP communication hook for the 2-process (gloo) tests."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning.pytorch as pl
+import torch
+import torch.nn.functional as F
+from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+
+from lightning_sharpness import SAMEngine, SAMMixin
+
+COMMUNICATION = {"calls": 0, "bytes": 0}
+
+
+def counting_allreduce_hook(state, bucket):
+    """The default all-reduce, counted: how many gradient all-reduces, and how many bytes."""
+    buffer = bucket.buffer()
+    COMMUNICATION["calls"] += 1
+    COMMUNICATION["bytes"] += buffer.numel() * buffer.element_size()
+    return default_hooks.allreduce_hook(state, bucket)
+
+
+class DDPClassifier(pl.LightningModule):
+    def __init__(self, net: torch.nn.Module) -> None:
+        super().__init__()
+        self.net = net
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return F.cross_entropy(self.net(x), y)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1, momentum=0.9)
+
+
+class ManualDDPClassifier(SAMMixin, DDPClassifier):
+    def __init__(self, net: torch.nn.Module, sam: SAMEngine) -> None:
+        super().__init__(net)
+        self.automatic_optimization = False
+        self.sam = sam
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        self.sam_step(self.optimizers(), lambda b: F.cross_entropy(self.net(b[0]), b[1]), batch)
+
+
+class DumpState(pl.Callback):
+    """Each process writes its final weights and its communication count to ``folder/rank<r>.pt``."""
+
+    def __init__(self, folder: str) -> None:
+        self.folder = folder
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        state = {k: v.detach().clone() for k, v in pl_module.state_dict().items()}
+        torch.save({"state": state, **COMMUNICATION}, Path(self.folder) / f"rank{trainer.global_rank}.pt")

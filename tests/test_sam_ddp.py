@@ -1,0 +1,75 @@
+"""SAM under DDP with 2 CPU processes (gloo): local and global modes against single-process references, and
+the number of gradient all-reduces per step counted with a DDP communication hook."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from lightning.pytorch.strategies import DDPStrategy
+from torch.utils.data import DistributedSampler
+
+from lightning_sharpness import SAM, SAMEngine
+from tests import reference
+from tests.ddp_modules import DDPClassifier, DumpState, ManualDDPClassifier, counting_allreduce_hook
+from tests.helpers import classification_data, clone, loader, mlp, trainer
+
+pytestmark = pytest.mark.slow
+
+STEPS, BATCH, WORLD = 4, 8, 2
+
+
+def run_ddp(module, tmp_path, callbacks=()):
+    strategy = DDPStrategy(start_method="spawn", ddp_comm_hook=counting_allreduce_hook)
+    x, y = classification_data(n=STEPS * BATCH * WORLD)
+    trainer(devices=WORLD, strategy=strategy, max_steps=STEPS, callbacks=[*callbacks, DumpState(str(tmp_path))]).fit(
+        module, loader(x, y, batch_size=BATCH)
+    )
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
+    for key, value in ranks[0]["state"].items():  # every process ends with the same weights
+        assert torch.equal(value, ranks[1]["state"][key]), key
+    return ranks[0]
+
+
+def reference_run(net, local: bool):
+    """Single process, each step on the union of the shards: rank r's shard is what Lightning's
+    DistributedSampler gives it (training samplers always shuffle, seed 0)."""
+    x, y = classification_data(n=STEPS * BATCH * WORLD)
+    shards = [
+        torch.tensor(list(DistributedSampler(range(len(y)), WORLD, r, shuffle=True, seed=0))) for r in range(WORLD)
+    ]
+    opt = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
+    for t in range(STEPS):
+        idx = torch.cat([s[t * BATCH : (t + 1) * BATCH] for s in shards])
+        # local: the mean of per-shard SAM gradients = m-SAM with one chunk per shard; global: n-SAM on the union
+        reference.sam_step(net, opt, x[idx], y[idx], rho=0.05, m=BATCH if local else None)
+    return net
+
+
+def assert_matches(state, net, atol=1e-6):
+    for key, value in net.state_dict().items():
+        mine = state[f"net.{key}"]
+        assert torch.allclose(mine, value, atol=atol, rtol=0), f"{key}: {(mine - value).abs().max()}"
+
+
+@pytest.fixture(scope="module")
+def plain_communication(tmp_path_factory):
+    return run_ddp(DDPClassifier(mlp()), tmp_path_factory.mktemp("plain"))
+
+
+@pytest.mark.parametrize("mode", ["local", "global"])
+def test_ddp_modes_match_single_process_references(mode, tmp_path, plain_communication):
+    net = mlp()
+    result = run_ddp(DDPClassifier(clone(net)), tmp_path, callbacks=[SAM(rho=0.05, mode=mode)])
+    assert_matches(result["state"], reference_run(net, local=mode == "local"))
+    if mode == "local":  # one gradient all-reduce per step, as plain DDP
+        assert result["calls"] == plain_communication["calls"]
+        assert result["bytes"] == plain_communication["bytes"]
+    else:  # the perturbation itself needs the all-reduced gradient
+        assert result["calls"] == 2 * plain_communication["calls"]
+
+
+def test_mixin_ddp_local_mode(tmp_path, plain_communication):
+    net = mlp()
+    result = run_ddp(ManualDDPClassifier(clone(net), SAMEngine(rho=0.05)), tmp_path)
+    assert_matches(result["state"], reference_run(net, local=True))
+    assert result["calls"] == plain_communication["calls"]
