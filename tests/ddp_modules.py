@@ -8,6 +8,7 @@ import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+from torch.utils.data import DistributedSampler
 
 from lightning_sharpness import SAMEngine, SAMMixin
 
@@ -46,6 +47,13 @@ class ManualDDPClassifier(SAMMixin, DDPClassifier):
         self.sam_step(self.optimizers(), lambda b: F.cross_entropy(self.net(b[0]), b[1]), batch)
 
 
+def shard_indices(n: int, world: int) -> list[torch.Tensor]:
+    """The examples each process trains on: Lightning's training DistributedSampler always shuffles (seed 0)."""
+    return [
+        torch.tensor(list(DistributedSampler(range(n), world, rank, shuffle=True, seed=0))) for rank in range(world)
+    ]
+
+
 class DumpState(pl.Callback):
     """Each process writes its final weights and its communication count to ``folder/rank<r>.pt``."""
 
@@ -53,5 +61,7 @@ class DumpState(pl.Callback):
         self.folder = folder
 
     def on_train_end(self, trainer, pl_module) -> None:
-        state = {k: v.detach().clone() for k, v in pl_module.state_dict().items()}
+        # the strategy gathers a full state dict where parameters are sharded (FSDP)
+        full = trainer.strategy.lightning_module_state_dict()
+        state = {k: v.detach().cpu().clone() for k, v in full.items()}
         torch.save({"state": state, **COMMUNICATION}, Path(self.folder) / f"rank{trainer.global_rank}.pt")

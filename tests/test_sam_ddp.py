@@ -6,11 +6,10 @@ from __future__ import annotations
 import pytest
 import torch
 from lightning.pytorch.strategies import DDPStrategy
-from torch.utils.data import DistributedSampler
 
 from lightning_sharpness import SAM, SAMEngine
 from tests import reference
-from tests.ddp_modules import DDPClassifier, DumpState, ManualDDPClassifier, counting_allreduce_hook
+from tests.ddp_modules import DDPClassifier, DumpState, ManualDDPClassifier, counting_allreduce_hook, shard_indices
 from tests.helpers import classification_data, clone, loader, mlp, trainer
 
 pytestmark = pytest.mark.slow
@@ -34,9 +33,7 @@ def reference_run(net, local: bool):
     """Single process, each step on the union of the shards: rank r's shard is what Lightning's
     DistributedSampler gives it (training samplers always shuffle, seed 0)."""
     x, y = classification_data(n=STEPS * BATCH * WORLD)
-    shards = [
-        torch.tensor(list(DistributedSampler(range(len(y)), WORLD, r, shuffle=True, seed=0))) for r in range(WORLD)
-    ]
+    shards = shard_indices(len(y), WORLD)
     opt = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
     for t in range(STEPS):
         idx = torch.cat([s[t * BATCH : (t + 1) * BATCH] for s in shards])

@@ -25,6 +25,7 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.strategies import FSDPStrategy, ParallelStrategy
+from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from lightning.pytorch.utilities.signature_utils import is_param_in_hook_signature
 from torch import Tensor
 
@@ -129,6 +130,11 @@ class SAM(Callback):
                     "its own, so the perturbed gradient would be replaced. Use a first-order optimizer."
                 )
         self.engine.bind(pl_module)
+        if isinstance(trainer.strategy, FSDPStrategy) and self.engine.mode == "local":
+            rank_zero_warn(
+                "Under FSDP every backward reduces gradients across processes, so SAM perturbs with the global "
+                "gradient (the semantics of `mode='global'`) and its norm is summed over shards."
+            )
 
     # ---------------------------------------------------------------- the step
     def _sam_is_on(self, trainer: pl.Trainer) -> bool:
