@@ -3,6 +3,7 @@
 from lightning_sharpness import measures
 from lightning_sharpness.curvature import DenseOperator, HessianOperator
 from lightning_sharpness.geometry import AdaptiveGeometry, GeodesicGeometry, Geometry, StandardGeometry
+from lightning_sharpness.monitor import SharpnessMonitor, available_measures
 from lightning_sharpness.sam import (
     ASAM,
     SAM,
@@ -21,6 +22,8 @@ __version__ = "0.1.0"
 
 __all__ = [
     "SAM",
+    "SharpnessMonitor",
+    "available_measures",
     "ASAM",
     "USAM",
     "SAMEngine",
