@@ -3,7 +3,9 @@
 Prints, for a small CNN with BatchNorm on a fixed batch:
   * SAM / plain Lightning training (the floor is 2.0: two forward-backward passes);
   * our callback / a plain-PyTorch reference SAM loop (the 60-line SAM most people paste);
-  * peak memory during a step, SAM minus plain, against the size of one copy of the parameters.
+  * peak memory during a step, SAM minus plain, against the size of one copy of the parameters;
+  * SAM / plain under fp16 with a GradScaler and under bf16 autocast;
+  * 2-process DDP (gloo): SAM local and global against plain DDP, step time and bytes all-reduced per step.
 
     python benchmarks/sam_overhead.py [--steps 30] [--repeats 3] [--batch-size 128]
 
@@ -15,15 +17,21 @@ optimizer state and all), since the CPU allocator keeps no statistics.
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
+import tempfile
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.plugins import MixedPrecision
+from lightning.pytorch.strategies import DDPStrategy
 from torch import nn
+from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 from torch.profiler import ProfilerActivity, profile
 from torch.profiler._memory_profiler import Action  # the timeline behind export_memory_timeline
 
@@ -56,7 +64,9 @@ class PeakMemory:
     subtracts it."""
 
     def __enter__(self) -> PeakMemory:
-        self._prof = profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True, with_stack=True)
+        self._prof = profile(
+            activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True, with_stack=True
+        )
         self._prof.__enter__()
         return self
 
@@ -113,12 +123,55 @@ class Module(pl.LightningModule):
 
 def lightning_run(batch, steps: int, warmup: int, callbacks: list, **trainer_kwargs) -> list[float]:
     timer = StepTimer(warmup)
+    trainer_kwargs.setdefault("devices", 1)
     trainer = pl.Trainer(
-        accelerator="cpu", devices=1, max_steps=steps + warmup, logger=False, enable_checkpointing=False,
+        accelerator="cpu", max_steps=steps + warmup, logger=False, enable_checkpointing=False,
         enable_progress_bar=False, enable_model_summary=False, callbacks=[*callbacks, timer], **trainer_kwargs,
     )  # fmt: skip
     trainer.fit(Module(), RepeatedBatch(batch, steps + warmup))
     return timer.times
+
+
+# ---------------------------------------------------------------- DDP, 2 processes (gloo)
+COMMUNICATED = {"calls": 0, "bytes": 0}
+
+
+def counting_allreduce_hook(state, bucket):
+    COMMUNICATED["calls"] += 1
+    COMMUNICATED["bytes"] += bucket.buffer().numel() * bucket.buffer().element_size()
+    return default_hooks.allreduce_hook(state, bucket)
+
+
+class CountAllReduces(Callback):
+    """Lightning registers `ddp_comm_hook` on CUDA only; on CPU the counting hook is put in place here."""
+
+    def on_fit_start(self, trainer, pl_module) -> None:
+        trainer.strategy.model.register_comm_hook(None, counting_allreduce_hook)
+
+
+class ReportFromRankZero(Callback):
+    """Rank zero writes its step times and the bytes it all-reduced per step to ``path``."""
+
+    def __init__(self, path: str, timer: StepTimer, steps: int) -> None:
+        self.path, self.timer, self.steps = path, timer, steps
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        if trainer.global_rank == 0:
+            report = {"times": self.timer.times, "bytes_per_step": COMMUNICATED["bytes"] / self.steps}
+            Path(self.path).write_text(json.dumps(report))
+
+
+def ddp_run(batch, steps: int, warmup: int, callbacks: list, workdir: str) -> dict:
+    timer = StepTimer(warmup)
+    path = str(Path(workdir) / "report.json")
+    trainer = pl.Trainer(
+        accelerator="cpu", devices=2, max_steps=steps + warmup, logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, use_distributed_sampler=False,
+        strategy=DDPStrategy(start_method="spawn"),
+        callbacks=[*callbacks, CountAllReduces(), timer, ReportFromRankZero(path, timer, steps + warmup)],
+    )  # fmt: skip
+    trainer.fit(Module(), RepeatedBatch(batch, steps + warmup))
+    return json.loads(Path(path).read_text())
 
 
 # ---------------------------------------------------------------- plain PyTorch
@@ -174,6 +227,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--skip-ddp", action="store_true", help="leave out the 2-process DDP section")
     args = parser.parse_args(argv)
     torch.set_num_threads(torch.get_num_threads())
     batch = make_batch(args.batch_size)
@@ -204,6 +258,64 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     print(f"our callback / reference SAM loop:           {results['ours_over_reference_sam']:.3f}")
     print(f"reference SAM / plain (plain PyTorch):       {results['reference_sam_over_torch_plain']:.3f}")
     print(f"peak memory, SAM - plain, in parameter copies: {results['extra_peak_over_param_bytes']:.2f}")
+    results.update(precision_section(batch, args))
+    if not args.skip_ddp:
+        results.update(ddp_section(batch, args))
+    return results
+
+
+def fp16_scaler() -> MixedPrecision:
+    return MixedPrecision("16-mixed", "cpu", torch.amp.GradScaler("cpu"))
+
+
+def precision_section(batch, args) -> dict[str, float]:
+    """SAM / plain under fp16 with a GradScaler and under bf16 autocast (CPU)."""
+    configs = {
+        "fp16+scaler plain": lambda: lightning_run(batch, args.steps, args.warmup, [], plugins=[fp16_scaler()]),
+        "fp16+scaler SAM": lambda: lightning_run(batch, args.steps, args.warmup, [SAM()], plugins=[fp16_scaler()]),
+        "bf16 plain": lambda: lightning_run(batch, args.steps, args.warmup, [], precision="bf16-mixed"),
+        "bf16 SAM": lambda: lightning_run(batch, args.steps, args.warmup, [SAM()], precision="bf16-mixed"),
+    }
+    times: dict[str, list[float]] = {name: [] for name in configs}
+    for _ in range(args.repeats):
+        for name, run in configs.items():
+            times[name] += run()
+    median = {name: statistics.median(t) for name, t in times.items()}
+    for name in configs:
+        print(f"  {name:<22} {1e3 * median[name]:8.2f} ms/step")
+    results = {
+        "fp16_sam_over_plain": median["fp16+scaler SAM"] / median["fp16+scaler plain"],
+        "bf16_sam_over_plain": median["bf16 SAM"] / median["bf16 plain"],
+    }
+    print(f"SAM / plain, fp16 with GradScaler:           {results['fp16_sam_over_plain']:.3f}")
+    print(f"SAM / plain, bf16 autocast:                  {results['bf16_sam_over_plain']:.3f}")
+    return results
+
+
+def ddp_section(batch, args) -> dict[str, float]:
+    """2-process DDP on CPU (gloo), each process on the same batch: plain, SAM local, SAM global."""
+    configs = {"ddp plain": [], "ddp SAM local": [SAM(mode="local")], "ddp SAM global": [SAM(mode="global")]}
+    times: dict[str, list[float]] = {name: [] for name in configs}
+    sent: dict[str, float] = {}
+    with tempfile.TemporaryDirectory() as workdir:
+        for _ in range(args.repeats):
+            for name, callbacks in configs.items():
+                report = ddp_run(batch, args.steps, args.warmup, callbacks, workdir)
+                times[name] += report["times"]
+                sent[name] = report["bytes_per_step"]
+    median = {name: statistics.median(t) for name, t in times.items()}
+    for name in configs:
+        print(f"  {name:<22} {1e3 * median[name]:8.2f} ms/step   all-reduced {sent[name] / 2**20:6.2f} MiB/step")
+    results = {
+        "ddp_local_over_plain": median["ddp SAM local"] / median["ddp plain"],
+        "ddp_global_over_local": median["ddp SAM global"] / median["ddp SAM local"],
+        "ddp_bytes_global_over_local": sent["ddp SAM global"] / sent["ddp SAM local"],
+        "ddp_bytes_local_over_plain": sent["ddp SAM local"] / sent["ddp plain"],
+    }
+    print(f"DDP SAM local / plain DDP, step time:        {results['ddp_local_over_plain']:.3f}")
+    print(f"DDP SAM global / local, step time:           {results['ddp_global_over_local']:.3f}")
+    print(f"DDP bytes all-reduced, local / plain:        {results['ddp_bytes_local_over_plain']:.3f}")
+    print(f"DDP bytes all-reduced, global / local:       {results['ddp_bytes_global_over_local']:.3f}")
     return results
 
 

@@ -23,6 +23,14 @@ def counting_allreduce_hook(state, bucket):
     return default_hooks.allreduce_hook(state, bucket)
 
 
+class CountAllReduces(pl.Callback):
+    """Registers :func:`counting_allreduce_hook` on the DDP wrapper. Lightning registers `ddp_comm_hook` on CUDA
+    only, so on CPU the hook has to be put in place by hand, before the first backward."""
+
+    def on_fit_start(self, trainer, pl_module) -> None:
+        trainer.strategy.model.register_comm_hook(None, counting_allreduce_hook)
+
+
 class DDPClassifier(pl.LightningModule):
     def __init__(self, net: torch.nn.Module) -> None:
         super().__init__()

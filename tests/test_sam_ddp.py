@@ -9,7 +9,7 @@ from lightning.pytorch.strategies import DDPStrategy
 
 from lightning_sharpness import SAM, SAMEngine
 from tests import reference
-from tests.ddp_modules import DDPClassifier, DumpState, ManualDDPClassifier, counting_allreduce_hook, shard_indices
+from tests.ddp_modules import CountAllReduces, DDPClassifier, DumpState, ManualDDPClassifier, shard_indices
 from tests.helpers import classification_data, clone, loader, mlp, trainer
 
 pytestmark = pytest.mark.slow
@@ -18,11 +18,14 @@ STEPS, BATCH, WORLD = 4, 8, 2
 
 
 def run_ddp(module, tmp_path, callbacks=()):
-    strategy = DDPStrategy(start_method="spawn", ddp_comm_hook=counting_allreduce_hook)
+    strategy = DDPStrategy(start_method="spawn")
     x, y = classification_data(n=STEPS * BATCH * WORLD)
-    trainer(devices=WORLD, strategy=strategy, max_steps=STEPS, callbacks=[*callbacks, DumpState(str(tmp_path))]).fit(
-        module, loader(x, y, batch_size=BATCH)
-    )
+    trainer(
+        devices=WORLD,
+        strategy=strategy,
+        max_steps=STEPS,
+        callbacks=[*callbacks, CountAllReduces(), DumpState(str(tmp_path))],
+    ).fit(module, loader(x, y, batch_size=BATCH))
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
     for key, value in ranks[0]["state"].items():  # every process ends with the same weights
         assert torch.equal(value, ranks[1]["state"][key]), key
@@ -50,7 +53,9 @@ def assert_matches(state, net, atol=1e-6):
 
 @pytest.fixture(scope="module")
 def plain_communication(tmp_path_factory):
-    return run_ddp(DDPClassifier(mlp()), tmp_path_factory.mktemp("plain"))
+    plain = run_ddp(DDPClassifier(mlp()), tmp_path_factory.mktemp("plain"))
+    assert plain["calls"] >= STEPS and plain["bytes"] > 0  # the hook saw plain DDP's all-reduces
+    return plain
 
 
 @pytest.mark.parametrize("mode", ["local", "global"])
