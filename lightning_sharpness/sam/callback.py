@@ -130,6 +130,7 @@ class SAM(Callback):
                     "its own, so the perturbed gradient would be replaced. Use a first-order optimizer."
                 )
         self.engine.bind(pl_module)
+        self._step_takes_batch_idx = is_param_in_hook_signature(pl_module.training_step, "batch_idx", min_args=2)
         if isinstance(trainer.strategy, FSDPStrategy) and self.engine.mode == "local":
             rank_zero_warn(
                 "Under FSDP every backward reduces gradients across processes, so SAM perturbs with the global "
@@ -233,11 +234,7 @@ class SAM(Callback):
     ) -> Tensor:
         """The training loss of ``batch`` through the strategy's own path, with the module's logging muted."""
         batch_idx = self._batch_idx if batch_idx is None else batch_idx
-        args = (
-            (batch, batch_idx)
-            if is_param_in_hook_signature(pl_module.training_step, "batch_idx", min_args=2)
-            else (batch,)
-        )
+        args = (batch, batch_idx) if self._step_takes_batch_idx else (batch,)
         with _muted_logging(pl_module):
             output = trainer.strategy.training_step(*args)
         loss = output["loss"] if isinstance(output, dict) else output
@@ -263,7 +260,8 @@ class SAM(Callback):
             if getattr(trainer.precision_plugin, "scaler", None) is None:
                 # No scaler to skip the step for us: without gradients the optimizer leaves every weight alone.
                 optimizer.zero_grad(set_to_none=True)
-        if self.log_diagnostics:
+        # Like LearningRateMonitor: build the metrics only on steps the loggers write (log_dict is not free).
+        if self.log_diagnostics and trainer._logger_connector.should_update_logs:
             self._log(pl_module)
         self._micro_count = 0
 

@@ -93,7 +93,7 @@ class SAMMixin:
                 optimizer.zero_grad(set_to_none=True)  # no scaler to skip for us: step without gradients
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        if log_prefix is not None:
+        if log_prefix is not None and trainer._logger_connector.should_update_logs:
             metrics = {
                 f"{log_prefix}rho": rho,
                 f"{log_prefix}perturbed_loss": stats.perturbed_loss.float(),
