@@ -99,6 +99,69 @@ def test_operator_matches_dense_hessian(backend, make):
     assert torch.allclose(op @ v, H @ v, atol=1e-10, rtol=0)
 
 
+@pytest.mark.parametrize("graph_memory", [0, "one", math.inf])
+@pytest.mark.parametrize("batched", [False, True])
+@pytest.mark.parametrize("affine_batchnorm", [True, False])
+def test_double_backward_through_held_graphs_matches_dense_hessian(graph_memory, batched, affine_batchnorm):
+    """The gradient graph of each batch is built once and reused for every product (or rebuilt per block when it
+    does not fit in ``graph_memory``; "one": only the first of the two batches fits)."""
+    model = tiny_cnn()
+    x, y = data(image=True)
+    H = dense_hessian(model, x, y)
+    batches = [(x[:4], y[:4]), (x[4:], y[4:])]
+    if graph_memory == "one":
+        probe = HessianOperator(model, ce, batches, backend="autograd")
+        probe @ torch.zeros(probe.dim, dtype=torch.float64)
+        assert probe._graphs[0] and probe._graphs[1] and probe.graph_bytes > 0
+        graph_memory = probe._build_graph(batches[0], measure=True)[2]  # fits the first graph only
+    op = HessianOperator(
+        model, ce, batches, backend="autograd", chunk_size=5, graph_memory=graph_memory, batched=batched,
+        affine_batchnorm=affine_batchnorm,
+    )
+    assert torch.allclose(op.dense(), H, atol=1e-10, rtol=0)
+    held = [bool(g) for g in op._graphs]
+    expected = {0: [False, False], math.inf: [True, True]}.get(graph_memory, [True, False])
+    assert held == expected
+    for _ in range(2):  # repeated single products through the same graphs
+        v = torch.randn(op.dim, dtype=torch.float64)
+        assert torch.allclose(op @ v, H @ v, atol=1e-10, rtol=0)
+    V = torch.randn(op.dim, 3, dtype=torch.float64)
+    assert torch.allclose(op @ V, H @ V, atol=1e-10, rtol=0)
+    assert op.matvecs == op.dim + 5
+
+
+def test_gradient_from_held_graph_and_release():
+    model = tiny_cnn()
+    x, y = data(image=True)
+    model.eval()
+    expected = torch.cat([g.reshape(-1) for g in torch.autograd.grad(ce(model, (x, y)), list(model.parameters()))])
+    op = HessianOperator(model, ce, [(x[:5], y[:5]), (x[5:], y[5:])], backend="autograd")
+    assert torch.allclose(op.gradient(), expected, atol=1e-12, rtol=0)
+    assert all(op._graphs) and op.graph_bytes > 0
+    v = torch.randn(op.dim, dtype=torch.float64)
+    hv = op @ v
+    op.release()
+    assert op.graph_bytes == 0 and op._graphs == [None, None]
+    assert torch.allclose(op @ v, hv, atol=1e-12, rtol=0)
+    vm = HessianOperator(model, ce, [(x[:5], y[:5]), (x[5:], y[5:])], backend="vmap")
+    assert torch.allclose(vm.gradient(), expected, atol=1e-12, rtol=0)
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_eval_batchnorm_as_affine_map_is_the_same_function():
+    model = tiny_cnn().eval()
+    x, _ = data(image=True)
+    op = HessianOperator(model, ce, (x, torch.zeros(len(x), dtype=torch.long)))
+    names = [n for n, _ in model.named_parameters()]
+    assert op.affine_batchnorm
+    with torch.no_grad():
+        native = op._module.model(x)
+        out = torch.func.functional_call(op._module, {f"model.{n}": p for n, p in zip(names, op.params)}, (
+            (x, torch.zeros(len(x), dtype=torch.long)),))
+        assert torch.allclose(op.loss_at(op.params, (x, torch.zeros(len(x), dtype=torch.long))), out, atol=1e-14)
+    assert native.shape == (len(x), 3)
+
+
 def test_operator_on_parameter_subset_is_the_diagonal_block():
     model = tiny_mlp()
     x, y = data()
@@ -131,6 +194,25 @@ def test_hessian_eigenvalues_of_mlp_match_dense():
     assert [v.shape for v in top.eigenvectors[0]] == [p.shape for p in model.parameters()]
     low = M.hessian_eigenvalues(model, ce, (x, y), k=2, which="smallest", tol=1e-8)
     assert torch.allclose(low.eigenvalues, exact[:2], rtol=1e-6, atol=1e-8)
+    for start in ("gradient", "random"):
+        for which, want in (("largest", exact.flip(0)[:3]), ("smallest", exact[:3])):
+            res = M.hessian_eigenvalues(model, ce, (x, y), k=3, which=which, tol=1e-8, start=start)
+            assert torch.allclose(res.eigenvalues, want, rtol=1e-6, atol=1e-8)
+
+
+def test_lanczos_start_vector():
+    A = rotated(torch.linspace(-1, 4, 20, dtype=torch.float64), seed=1)
+    op = DenseOperator(A)
+    top = torch.linalg.eigh(A).eigenvectors[:, -1]
+    res = lanczos_eigs(op, k=1, v0=top + 1e-3 * torch.ones(20, dtype=torch.float64), tol=1e-6)
+    cold = lanczos_eigs(op, k=1, tol=1e-6)
+    assert float(res.eigenvalues[0]) == pytest.approx(4.0, abs=1e-9)
+    assert float(cold.eigenvalues[0]) == pytest.approx(4.0, abs=1e-9)
+    assert res.matvecs < cold.matvecs
+    with pytest.raises(ValueError, match="`v0`"):
+        lanczos_eigs(op, v0=torch.zeros(20, dtype=torch.float64))
+    with pytest.raises(ValueError, match="`v0`"):
+        lanczos_eigs(op, v0=torch.ones(3, dtype=torch.float64))
 
 
 def test_quadratic_eigenvalues_exact():
@@ -269,8 +351,16 @@ def test_renyi_exact_for_diagonal_quadratic(alpha):
 @pytest.mark.parametrize("alpha,method", [(2.0, "frobenius"), (3.0, "slq")])
 def test_renyi_statistical_on_rotated_quadratic(alpha, method):
     eigs = torch.cat([torch.tensor([10.0, 6.0, 3.0]), torch.linspace(0.05, 1, 57)]).double()
-    r = M.renyi_sharpness(Quadratic(rotated(eigs, seed=6)), quad_loss, QBATCH, alpha=alpha, method=method,
-                          probes=16, steps=30, matvecs=200)
+    r = M.renyi_sharpness(
+        Quadratic(rotated(eigs, seed=6)),
+        quad_loss,
+        QBATCH,
+        alpha=alpha,
+        method=method,
+        probes=16,
+        steps=30,
+        matvecs=200,
+    )
     assert abs(float(r) - renyi_exact(eigs, alpha)) < 4 * r.stderr
 
 
@@ -407,6 +497,10 @@ def test_bad_inputs_fail_clearly():
         M.renyi_sharpness(model, ce, (x, y), alpha=-1)
     with pytest.raises(ValueError, match="`backend`"):
         HessianOperator(model, ce, (x, y), backend="fast")
+    with pytest.raises(ValueError, match="`graph_memory`"):
+        HessianOperator(model, ce, (x, y), graph_memory=-1)
+    with pytest.raises(ValueError, match="`start`"):
+        M.hessian_eigenvalues(model, ce, (x, y), start="zeros")
     with pytest.raises(ValueError, match="`params`"):
         M.hessian_trace(model, ce, (x, y), params=["nope"])
     with pytest.raises(ValueError, match="`by`"):

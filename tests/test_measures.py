@@ -130,8 +130,9 @@ def test_m_sharpness_is_the_mean_over_chunks():
     params = list(net.parameters())
     with torch.no_grad():
         manual = [
-            (lambda r: r[0] - r[1])(_maximize(op, geo, params, (x[s : s + 4], y[s : s + 4]), 0.05, "l2", 5, 0.1,
-                                              "random", gen))
+            (lambda r: r[0] - r[1])(
+                _maximize(op, geo, params, (x[s : s + 4], y[s : s + 4]), 0.05, "l2", 5, 0.1, "random", gen)
+            )
             for s in (0, 4, 8)
         ]
     assert torch.allclose(res.per_chunk, torch.tensor(manual, dtype=torch.float64))
