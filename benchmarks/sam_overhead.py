@@ -227,6 +227,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--precision-steps", type=int, default=8, help="steps per fp16/bf16 run (fp16 is slow on CPU)")
     parser.add_argument("--skip-ddp", action="store_true", help="leave out the 2-process DDP section")
     args = parser.parse_args(argv)
     torch.set_num_threads(torch.get_num_threads())
@@ -270,11 +271,12 @@ def fp16_scaler() -> MixedPrecision:
 
 def precision_section(batch, args) -> dict[str, float]:
     """SAM / plain under fp16 with a GradScaler and under bf16 autocast (CPU)."""
+    steps, warmup = args.precision_steps, args.warmup
     configs = {
-        "fp16+scaler plain": lambda: lightning_run(batch, args.steps, args.warmup, [], plugins=[fp16_scaler()]),
-        "fp16+scaler SAM": lambda: lightning_run(batch, args.steps, args.warmup, [SAM()], plugins=[fp16_scaler()]),
-        "bf16 plain": lambda: lightning_run(batch, args.steps, args.warmup, [], precision="bf16-mixed"),
-        "bf16 SAM": lambda: lightning_run(batch, args.steps, args.warmup, [SAM()], precision="bf16-mixed"),
+        "fp16+scaler plain": lambda: lightning_run(batch, steps, warmup, [], plugins=[fp16_scaler()]),
+        "fp16+scaler SAM": lambda: lightning_run(batch, steps, warmup, [SAM()], plugins=[fp16_scaler()]),
+        "bf16 plain": lambda: lightning_run(batch, steps, warmup, [], precision="bf16-mixed"),
+        "bf16 SAM": lambda: lightning_run(batch, steps, warmup, [SAM()], precision="bf16-mixed"),
     }
     times: dict[str, list[float]] = {name: [] for name in configs}
     for _ in range(args.repeats):
