@@ -13,7 +13,7 @@ Model: a small CNN with BatchNorm (eval mode, running statistics from a few trai
    (the fewest products, Hutchinson or Hutch++).
 3. Time and peak memory: every method in fresh processes, rounds interleaved (the machine is shared), one
    untimed warm-up call, then one timed call per seed; the median. Peak memory is the peak of live tensor bytes
-   during one call, from the profiler's memory timeline (``PeakMemory`` as in ``benchmarks/sam_overhead.py``).
+   during one call, from the profiler's memory timeline (``benchmarks/peak_memory.py``).
 4. Cost of one Hessian-vector product over one gradient (forward + backward), medians of interleaved repeats.
 
     python benchmarks/measures.py            # needs `pip install pyhessian`; about 3 minutes on 1-2 cores
@@ -30,9 +30,8 @@ import warnings
 
 import torch
 import torch.nn.functional as F
+from peak_memory import PeakMemory
 from torch import nn
-from torch.profiler import ProfilerActivity, profile
-from torch.profiler._memory_profiler import Action
 
 EIG_SEEDS = range(10)
 TRACE_SEEDS = range(20)
@@ -46,9 +45,16 @@ HUTCHPP_MATVECS = (12, 18, 24, 30, 36, 42, 48, 54, 60, 75, 90, 99, 120)
 def make():
     torch.manual_seed(0)
     model = nn.Sequential(
-        nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Conv2d(8, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Flatten(), nn.Linear(16 * 4 * 4, 10),
+        nn.Conv2d(3, 8, 3, padding=1),
+        nn.BatchNorm2d(8),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(8, 16, 3, padding=1),
+        nn.BatchNorm2d(16),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Flatten(),
+        nn.Linear(16 * 4 * 4, 10),
     )
     g = torch.Generator().manual_seed(1)
     x, y = torch.randn(128, 3, 16, 16, generator=g), torch.randint(0, 10, (128,), generator=g)
@@ -61,25 +67,6 @@ def make():
 
 def loss_fn(model, batch):
     return F.cross_entropy(model(batch[0]), batch[1])
-
-
-class PeakMemory:
-    """Peak bytes of live tensors while the block runs (every tensor created adds its size, destroyed subtracts)."""
-
-    def __enter__(self) -> PeakMemory:
-        self._prof = profile(
-            activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True, with_stack=True
-        )
-        self._prof.__enter__()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._prof.__exit__(*exc)
-        current = peak = 0
-        for _, action, _, size in sorted(self._prof._memory_profile().timeline, key=lambda r: r[0]):
-            current += size if action == Action.CREATE else -size if action == Action.DESTROY else 0
-            peak = max(peak, current)
-        self.peak = peak
 
 
 # ---------------------------------------------------------------------------------------------- the methods
@@ -262,30 +249,42 @@ def main() -> None:
     print(f"CNN with BatchNorm (eval), {dim} parameters, batch 128 of 3x16x16, float32, CPU, 1 thread per process")
     print(f"ground truth (dense Hessian): top eigenvalue {lam:.6g} (next {lam2:.6g}), trace {tr:.6g}")
     print("PyHessian defaults: eigenvalues(top_n=1) tol 1e-3 / maxIter 100; trace() tol 1e-3 / maxIter 100")
-    print(f"ours at matched accuracy: hessian_eigenvalues(tol={tol}), "
-          f"hessian_trace(method={trace_setting[0]!r}, matvecs={trace_setting[1]})"
-          + (f" (the other estimator needs {other})" if other else ""))
+    print(
+        f"ours at matched accuracy: hessian_eigenvalues(tol={tol}), "
+        f"hessian_trace(method={trace_setting[0]!r}, matvecs={trace_setting[1]})"
+        + (f" (the other estimator needs {other})" if other else "")
+    )
     print()
-    print(f"{'measure':15s} {'method':10s} {'rel. error (median / max / RMS)':>33s} {'time (median)':>14s} "
-          f"{'peak tensors':>13s}")
-    rows = (("top eigenvalue", "ours_eig", our_eig, f"{len(EIG_SEEDS)} seeds"),
-            ("", "pyhessian_eig", ph_eig, ""),
-            ("trace", "ours_trace", our_tr, f"{len(TRACE_SEEDS)} seeds"),
-            ("", "pyhessian_trace", ph_tr, ""))
+    print(
+        f"{'measure':15s} {'method':10s} {'rel. error (median / max / RMS)':>33s} {'time (median)':>14s} "
+        f"{'peak tensors':>13s}"
+    )
+    rows = (
+        ("top eigenvalue", "ours_eig", our_eig, f"{len(EIG_SEEDS)} seeds"),
+        ("", "pyhessian_eig", ph_eig, ""),
+        ("trace", "ours_trace", our_tr, f"{len(TRACE_SEEDS)} seeds"),
+        ("", "pyhessian_trace", ph_tr, ""),
+    )
     for what, name, errs, _ in rows:
         label = "ours" if name.startswith("ours") else "PyHessian"
-        print(f"{what:15s} {label:10s} {statistics.median(errs):10.2e} / {max(errs):8.2e} / {_rms(errs):8.2e} "
-              f"{1e3 * med[name]:11.1f} ms {peak[name]:10.2f} MB")
+        print(
+            f"{what:15s} {label:10s} {statistics.median(errs):10.2e} / {max(errs):8.2e} / {_rms(errs):8.2e} "
+            f"{1e3 * med[name]:11.1f} ms {peak[name]:10.2f} MB"
+        )
     print()
     pairs = (("top eigenvalue", "ours_eig", "pyhessian_eig"), ("trace", "ours_trace", "pyhessian_trace"))
     for what, ours, theirs in pairs:
-        print(f"{what:15s} time ours / PyHessian = {med[ours] / med[theirs]:.2f}   "
-              f"peak memory ours / PyHessian = {peak[ours] / peak[theirs]:.2f}")
+        print(
+            f"{what:15s} time ours / PyHessian = {med[ours] / med[theirs]:.2f}   "
+            f"peak memory ours / PyHessian = {peak[ours] / peak[theirs]:.2f}"
+        )
     print()
     g = cost["gradient"]
-    print(f"one gradient {1e3 * g:.2f} ms; HVP / gradient: {cost['hvp_held'] / g:.2f} through the held graph, "
-          f"{cost['hvp_first'] / g:.2f} for the first (graph build included), "
-          f"{cost['hvp_vmap16'] / g:.2f} per vector forward-over-reverse (vmap block of 16)")
+    print(
+        f"one gradient {1e3 * g:.2f} ms; HVP / gradient: {cost['hvp_held'] / g:.2f} through the held graph, "
+        f"{cost['hvp_first'] / g:.2f} for the first (graph build included), "
+        f"{cost['hvp_vmap16'] / g:.2f} per vector forward-over-reverse (vmap block of 16)"
+    )
     print(f"held gradient graph: {graph_bytes / 2**20:.2f} MB of saved tensors")
     print(f"[{time.perf_counter() - t0:.0f} s]", file=sys.stderr)
 

@@ -30,10 +30,9 @@ import torch.nn.functional as F
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.plugins import MixedPrecision
 from lightning.pytorch.strategies import DDPStrategy
+from peak_memory import PeakMemory
 from torch import nn
 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
-from torch.profiler import ProfilerActivity, profile
-from torch.profiler._memory_profiler import Action  # the timeline behind export_memory_timeline
 
 from lightning_sharpness import SAM
 
@@ -58,27 +57,6 @@ def sgd(params) -> torch.optim.Optimizer:
 
 
 # ---------------------------------------------------------------- peak memory of one step
-class PeakMemory:
-    """Peak bytes of live tensors while the block runs, from the profiler's memory timeline (exact on CPU,
-    where the allocator keeps no statistics): every tensor created adds its size, every one destroyed
-    subtracts it."""
-
-    def __enter__(self) -> PeakMemory:
-        self._prof = profile(
-            activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True, with_stack=True
-        )
-        self._prof.__enter__()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._prof.__exit__(*exc)
-        current = peak = 0
-        for _, action, _, size in sorted(self._prof._memory_profile().timeline, key=lambda r: r[0]):
-            current += size if action == Action.CREATE else -size if action == Action.DESTROY else 0
-            peak = max(peak, current)
-        self.peak = peak
-
-
 # ---------------------------------------------------------------- Lightning
 class StepTimer(Callback):
     """Wall time of each training step (batch start to batch end, optimizer step included)."""
