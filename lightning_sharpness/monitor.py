@@ -30,6 +30,8 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, IterableDataset
 
+from lightning_sharpness._lightning import muted_logging
+
 __all__ = ["SharpnessMonitor", "MeasureSpec"]
 
 MeasureSpec = Union[str, Mapping[str, Any]]
@@ -231,20 +233,6 @@ def _step_loss(hook: str) -> LossFn:
 
     loss_fn.__name__ = f"{hook}_loss"
     return loss_fn
-
-
-@contextmanager
-def _silenced(module: pl.LightningModule) -> Iterator[None]:
-    """``self.log`` / ``self.log_dict`` do nothing inside: the measuring calls of training_step log nothing."""
-    had = {k: k in module.__dict__ for k in ("log", "log_dict")}
-    module.log = lambda *args, **kwargs: None  # type: ignore[method-assign]
-    module.log_dict = lambda *args, **kwargs: None  # type: ignore[method-assign]
-    try:
-        yield
-    finally:
-        for k, own in had.items():
-            if not own:
-                delattr(module, k)
 
 
 @contextmanager
@@ -606,7 +594,7 @@ class SharpnessMonitor(Callback):
         with ExitStack() as stack:
             stack.enter_context(torch.inference_mode(False))
             stack.enter_context(torch.enable_grad())
-            stack.enter_context(_silenced(pl_module))
+            stack.enter_context(muted_logging(pl_module))
             stack.enter_context(_eval_mode(pl_module))
             if self.fp32:
                 stack.enter_context(torch.autocast(pl_module.device.type, enabled=False))

@@ -17,8 +17,8 @@ Where the work happens, and why there:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
-from contextlib import ExitStack, contextmanager
+from collections.abc import Callable
+from contextlib import ExitStack
 from typing import Any
 
 import lightning.pytorch as pl
@@ -29,6 +29,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from lightning.pytorch.utilities.signature_utils import is_param_in_hook_signature
 from torch import Tensor
 
+from lightning_sharpness._lightning import muted_logging
 from lightning_sharpness.geometry import AdaptiveGeometry, Geometry
 from lightning_sharpness.sam.engine import (
     RhoLike,
@@ -235,7 +236,7 @@ class SAM(Callback):
         """The training loss of ``batch`` through the strategy's own path, with the module's logging muted."""
         batch_idx = self._batch_idx if batch_idx is None else batch_idx
         args = (batch, batch_idx) if self._step_takes_batch_idx else (batch,)
-        with _muted_logging(pl_module):
+        with muted_logging(pl_module):
             output = trainer.strategy.training_step(*args)
         loss = output["loss"] if isinstance(output, dict) else output
         if not isinstance(loss, Tensor):
@@ -314,21 +315,3 @@ class USAM(SAM):
 
 def _loss_scale(trainer: pl.Trainer) -> float:
     return loss_scale(trainer.precision_plugin)
-
-
-@contextmanager
-def _muted_logging(pl_module: pl.LightningModule) -> Iterator[None]:
-    """Make ``self.log``/``self.log_dict`` no-ops: SAM's extra passes must not log perturbed values."""
-    had = {name: pl_module.__dict__[name] for name in ("log", "log_dict") if name in pl_module.__dict__}
-    pl_module.log = _noop  # type: ignore[method-assign]
-    pl_module.log_dict = _noop  # type: ignore[method-assign]
-    try:
-        yield
-    finally:
-        for name in ("log", "log_dict"):
-            pl_module.__dict__.pop(name, None)
-        pl_module.__dict__.update(had)
-
-
-def _noop(*args: Any, **kwargs: Any) -> None:
-    return None
