@@ -7,8 +7,10 @@ from contextlib import contextmanager
 from typing import Any
 
 import lightning.pytorch as pl
+from torch import Tensor, nn
+from torchmetrics import Metric
 
-__all__ = ["muted_logging"]
+__all__ = ["muted_logging", "untouched_metrics", "quiet"]
 
 
 @contextmanager
@@ -28,6 +30,42 @@ def muted_logging(module: pl.LightningModule) -> Iterator[None]:
         for name in ("log", "log_dict"):
             module.__dict__.pop(name, None)
         module.__dict__.update(had)
+
+
+@contextmanager
+def untouched_metrics(module: nn.Module) -> Iterator[None]:
+    """Put every torchmetrics ``Metric`` of ``module`` back as it was: a ``self.train_acc(preds, y)`` in
+    ``training_step`` must count the unperturbed predictions once, not SAM's perturbed ones too.
+
+    Tensor states are cloned (they are small and updated in place); list states (concatenating metrics) keep
+    their objects and are cut back to their length, so the cost does not grow with the epoch.
+    """
+    saved = []
+    for metric in (m for m in module.modules() if isinstance(m, Metric)):
+        states = {}
+        for name in metric._defaults:
+            value = getattr(metric, name)
+            states[name] = value.clone() if isinstance(value, Tensor) else (value, len(value))
+        saved.append((metric, states, metric._update_count, metric._computed, metric._forward_cache))
+    try:
+        yield
+    finally:
+        for metric, states, update_count, computed, forward_cache in saved:
+            for name, state in states.items():
+                if isinstance(state, Tensor):
+                    setattr(metric, name, state)
+                else:
+                    values, length = state
+                    del values[length:]
+                    setattr(metric, name, values)
+            metric._update_count, metric._computed, metric._forward_cache = update_count, computed, forward_cache
+
+
+@contextmanager
+def quiet(module: pl.LightningModule) -> Iterator[None]:
+    """Run the module's own step without side effects on what it logs: logging muted, metrics untouched."""
+    with muted_logging(module), untouched_metrics(module):
+        yield
 
 
 def _noop(*args: Any, **kwargs: Any) -> None:

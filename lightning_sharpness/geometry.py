@@ -296,6 +296,7 @@ class GeodesicGeometry(AdaptiveGeometry):
         bias = m.in_proj_bias is not None
         out = []
         for sl in self._head_slices(e, heads, prefix or "MultiheadAttention"):
+
             def rows(which: int, sl: slice = sl) -> slice:
                 return slice(which * e + sl.start, which * e + sl.stop)
 

@@ -389,9 +389,7 @@ def renyi_sharpness(
     n = a.numel()
     value = float(stat(a.mean(), b.mean()))
     if not math.isfinite(value):
-        raise ValueError(
-            "renyi_sharpness: the estimated positive spectral mass is not positive; nothing to normalize."
-        )
+        raise ValueError("renyi_sharpness: the estimated positive spectral mass is not positive; nothing to normalize.")
     stderr = None
     if n > 1:
         jack = stat((a.sum() - a) / (n - 1), (b.sum() - b) / (n - 1))

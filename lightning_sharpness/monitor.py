@@ -30,7 +30,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, IterableDataset
 
-from lightning_sharpness._lightning import muted_logging
+from lightning_sharpness._lightning import quiet
 
 __all__ = ["SharpnessMonitor", "MeasureSpec"]
 
@@ -594,7 +594,7 @@ class SharpnessMonitor(Callback):
         with ExitStack() as stack:
             stack.enter_context(torch.inference_mode(False))
             stack.enter_context(torch.enable_grad())
-            stack.enter_context(muted_logging(pl_module))
+            stack.enter_context(quiet(pl_module))
             stack.enter_context(_eval_mode(pl_module))
             if self.fp32:
                 stack.enter_context(torch.autocast(pl_module.device.type, enabled=False))

@@ -115,7 +115,13 @@ def test_double_backward_through_held_graphs_matches_dense_hessian(graph_memory,
         assert probe._graphs[0] and probe._graphs[1] and probe.graph_bytes > 0
         graph_memory = probe._build_graph(batches[0], measure=True)[2]  # fits the first graph only
     op = HessianOperator(
-        model, ce, batches, backend="autograd", chunk_size=5, graph_memory=graph_memory, batched=batched,
+        model,
+        ce,
+        batches,
+        backend="autograd",
+        chunk_size=5,
+        graph_memory=graph_memory,
+        batched=batched,
         affine_batchnorm=affine_batchnorm,
     )
     assert torch.allclose(op.dense(), H, atol=1e-10, rtol=0)
@@ -156,8 +162,11 @@ def test_eval_batchnorm_as_affine_map_is_the_same_function():
     assert op.affine_batchnorm
     with torch.no_grad():
         native = op._module.model(x)
-        out = torch.func.functional_call(op._module, {f"model.{n}": p for n, p in zip(names, op.params)}, (
-            (x, torch.zeros(len(x), dtype=torch.long)),))
+        out = torch.func.functional_call(
+            op._module,
+            {f"model.{n}": p for n, p in zip(names, op.params)},
+            ((x, torch.zeros(len(x), dtype=torch.long)),),
+        )
         assert torch.allclose(op.loss_at(op.params, (x, torch.zeros(len(x), dtype=torch.long))), out, atol=1e-14)
     assert native.shape == (len(x), 3)
 

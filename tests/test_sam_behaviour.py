@@ -6,7 +6,9 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 from lightning.pytorch.callbacks import ModelCheckpoint
+from torchmetrics.classification import MulticlassAccuracy
 
 from lightning_sharpness import SAM, LinearRho
 from tests import reference
@@ -146,3 +148,33 @@ def test_schedule_producing_a_bad_rho_names_the_step():
 
     with pytest.raises(ValueError, match="schedule value at step 0"):
         trainer(max_steps=1, callbacks=[SAM(rho=Broken())]).fit(Classifier(mlp()), loader(*classification_data()))
+
+
+class WithTrainAccuracy(Classifier):
+    """Counts training accuracy with a torchmetrics Metric and records the predictions of every call."""
+
+    def __init__(self, net):
+        super().__init__(net)
+        self.train_acc = MulticlassAccuracy(num_classes=3, average="micro")
+        self.predictions = []
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        logits = self(x)
+        self.predictions.append((logits.argmax(1).detach(), y))
+        self.train_acc(logits, y)
+        self.log("train_acc", self.train_acc, on_step=False, on_epoch=True)
+        return F.cross_entropy(logits, y)
+
+
+def test_metrics_updated_in_training_step_count_the_unperturbed_pass_only():
+    x, y = classification_data()
+    module = WithTrainAccuracy(mlp())
+    logger = RecordingLogger()
+    trainer(max_epochs=1, logger=logger, callbacks=[SAM(rho=0.5)]).fit(module, loader(x, y))
+    assert len(module.predictions) == 2 * 4  # Lightning's pass and SAM's pass, 4 steps
+    clean = module.predictions[0::2]
+    expected = sum(int((p == t).sum()) for p, t in clean) / len(y)
+    perturbed = module.predictions[1::2]
+    assert any(not torch.equal(p, q) for (p, _), (q, _) in zip(clean, perturbed))  # rho=0.5 changes predictions
+    assert logger.values("train_acc")[-1][1] == pytest.approx(expected)

@@ -80,5 +80,3 @@ def split_batch(batch: Any, m: int) -> list[Any]:
         return obj
 
     return [cut(batch, s) for s in range(0, n, m)]
-
-

@@ -137,4 +137,3 @@ def _wanted(theta: Tensor, k: int, which: str) -> Tensor:
     k = min(k, theta.numel())
     order = torch.arange(theta.numel())
     return order.flip(0)[:k] if which == "largest" else order[:k]
-

@@ -29,7 +29,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from lightning.pytorch.utilities.signature_utils import is_param_in_hook_signature
 from torch import Tensor
 
-from lightning_sharpness._lightning import muted_logging
+from lightning_sharpness._lightning import quiet
 from lightning_sharpness.geometry import AdaptiveGeometry, Geometry
 from lightning_sharpness.sam.engine import (
     RhoLike,
@@ -236,7 +236,7 @@ class SAM(Callback):
         """The training loss of ``batch`` through the strategy's own path, with the module's logging muted."""
         batch_idx = self._batch_idx if batch_idx is None else batch_idx
         args = (batch, batch_idx) if self._step_takes_batch_idx else (batch,)
-        with muted_logging(pl_module):
+        with quiet(pl_module):
             output = trainer.strategy.training_step(*args)
         loss = output["loss"] if isinstance(output, dict) else output
         if not isinstance(loss, Tensor):

@@ -9,7 +9,7 @@ adaptive, geodesic), a parameter filter (all, SAM-ON, a mask), a radius schedule
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager, nullcontext
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Any, Union
 
@@ -203,6 +203,7 @@ def accumulate_sam_gradient(
     first_grad_ready: bool,
     before_last_perturbed_pass: Callable[[], None] = lambda: None,
     reduce_sq_norm: Callable[[Tensor], Tensor] | None = None,
+    perturbed_pass_context: Callable[[], AbstractContextManager] = nullcontext,
 ) -> SAMStepStats:
     """Add the SAM gradient of ``batch`` to ``stash`` and leave the sum in ``.grad``; the weights end bitwise as
     they started.
@@ -212,7 +213,8 @@ def accumulate_sam_gradient(
     backward of ``|chunk| / |batch| * L(w + e)`` onto the running sum, and the exact undo. ``backward`` must
     scale like the pass that produced ``g`` (``grad_divisor`` is that scale). A non-finite ``g`` is kept in the
     sum, so the step is skipped downstream, but the perturbed pass still runs at ``w`` so that every process of
-    a DDP job joins the same all-reduce. ``before_last_perturbed_pass`` lets the caller enable gradient sync.
+    a DDP job joins the same all-reduce. ``before_last_perturbed_pass`` lets the caller enable gradient sync;
+    ``perturbed_pass_context`` wraps each pass at ``w + e`` (the mixin mutes the module's logging there).
     """
     chunks = engine.chunks(batch)
     stats = SAMStepStats(rho=rho)
@@ -231,7 +233,7 @@ def accumulate_sam_gradient(
         engine.put_grads(stash)
         if i == len(chunks) - 1:
             before_last_perturbed_pass()
-        with engine.frozen_norm_stats():
+        with engine.frozen_norm_stats(), perturbed_pass_context():
             perturbed = loss_of(chunk)
             backward(perturbed * weight)
         if grad_norm is not None:

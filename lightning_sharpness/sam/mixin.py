@@ -15,6 +15,7 @@ from lightning.pytorch.core.optimizer import LightningOptimizer
 from lightning.pytorch.strategies import ParallelStrategy
 from torch import Tensor
 
+from lightning_sharpness._lightning import quiet
 from lightning_sharpness.sam.engine import SAMEngine, accumulate_sam_gradient, all_finite, loss_scale
 
 __all__ = ["SAMMixin"]
@@ -84,6 +85,8 @@ class SAMMixin:
                 stash=engine.take_grads(),
                 first_grad_ready=False,
                 before_last_perturbed_pass=no_sync.close,
+                # what the loss function logs or counts in metrics at w + e must not reach the user's logs
+                perturbed_pass_context=lambda: quiet(self),
             )
         grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
         finite = all_finite(grads)
