@@ -77,6 +77,10 @@ def _main(out: Path) -> None:
         },
         out / f"rank{trainer.global_rank}.pt",
     )
+    # Lightning destroys the process group at exit for NCCL only; a gloo process exiting while its peer's
+    # connections close can abort after the work is done, so both leave together with the group destroyed.
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
 
 
 @pytest.mark.slow

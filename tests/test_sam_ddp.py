@@ -9,7 +9,14 @@ from lightning.pytorch.strategies import DDPStrategy
 
 from lightning_sharpness import SAM, SAMEngine
 from tests import reference
-from tests.ddp_modules import CountAllReduces, DDPClassifier, DumpState, ManualDDPClassifier, shard_indices
+from tests.ddp_modules import (
+    CountAllReduces,
+    DDPClassifier,
+    DumpState,
+    ManualDDPClassifier,
+    ReleaseProcessGroup,
+    shard_indices,
+)
 from tests.helpers import classification_data, clone, loader, mlp, trainer
 
 pytestmark = pytest.mark.slow
@@ -24,7 +31,7 @@ def run_ddp(module, tmp_path, callbacks=()):
         devices=WORLD,
         strategy=strategy,
         max_steps=STEPS,
-        callbacks=[*callbacks, CountAllReduces(), DumpState(str(tmp_path))],
+        callbacks=[*callbacks, CountAllReduces(), DumpState(str(tmp_path)), ReleaseProcessGroup()],
     ).fit(module, loader(x, y, batch_size=BATCH))
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
     for key, value in ranks[0]["state"].items():  # every process ends with the same weights
