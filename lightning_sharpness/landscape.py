@@ -39,6 +39,7 @@ __all__ = [
     "plot_density",
     "density_histogram",
     "density_nodes_weights",
+    "log_density",
 ]
 
 LossFn = Callable[[nn.Module, Any], Tensor]
@@ -271,6 +272,24 @@ def density_histogram(nodes: np.ndarray, weights: np.ndarray, bins: int = 60, co
         "bucket_limits": edges[1:].tolist(),
         "bucket_counts": counts.tolist(),
     }
+
+
+def log_density(writer: Any, tag: str, result: Any, step: int, mode: str = "histogram") -> None:
+    """Draw a ``spectral_density`` result in TensorBoard as the monitor does: ``<tag>/histogram`` (the
+    Histograms and Distributions tabs) and/or ``<tag>/image`` (the smoothed log-density plot).
+
+    Example::
+
+        d = measures.spectral_density(model, loss_fn, batches, probes=2, steps=30)
+        log_density(trainer.logger.experiment, "sharpness/spectral_density", d, trainer.global_step)
+    """
+    if mode not in ("histogram", "image", "both"):
+        raise ValueError(f"`mode` must be 'histogram', 'image' or 'both', got {mode!r}.")
+    nodes, weights = density_nodes_weights(result)
+    if mode in ("histogram", "both"):
+        writer.add_histogram_raw(f"{tag}/histogram", global_step=step, **density_histogram(nodes, weights))
+    if mode in ("image", "both"):
+        writer.add_image(f"{tag}/image", plot_density(nodes, weights), global_step=step, dataformats="HWC")
 
 
 def plot_density(nodes: np.ndarray, weights: np.ndarray, sigma: float | None = None, points: int = 400) -> np.ndarray:
