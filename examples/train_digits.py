@@ -21,13 +21,19 @@ from digits import DigitsClassifier, DigitsDataModule  # noqa: E402
 
 from lightning_sharpness import SAM, SharpnessMonitor, measures  # noqa: E402
 from lightning_sharpness.landscape import log_density  # noqa: E402
+from lightning_sharpness.monitor import DEFAULT_MEASURES  # noqa: E402
 
 
 def train(method: str, seed: int, args: argparse.Namespace) -> dict[str, float]:
     pl.seed_everything(seed, workers=True)
     # The monitor at its defaults: top Hessian eigenvalue and Hutchinson trace on a fixed probe set, every epoch
     # within a 5% time budget (on these few-second runs that is one or two measurements), and at the end.
-    monitor = SharpnessMonitor() if args.monitor else None
+    monitor = None
+    if args.measure_every:  # a denser picture: every n epochs, with the Hessian density, no time budget
+        density = {"name": "spectral_density", "probes": 2, "steps": 20}
+        monitor = SharpnessMonitor([*DEFAULT_MEASURES, density], every_n_epochs=args.measure_every, max_overhead=None)
+    elif args.monitor:
+        monitor = SharpnessMonitor()
     callbacks = [cb for cb in (monitor, SAM(rho=args.rho) if method == "sam" else None) if cb is not None]
     logger = TensorBoardLogger(args.log_dir, name=method, version=f"seed{seed}")
     trainer = pl.Trainer(
@@ -94,6 +100,13 @@ def main(argv: list[str] | None = None) -> dict[str, list[dict[str, float]]]:
     parser.add_argument("--methods", nargs="+", default=["erm", "sam"], choices=["erm", "sam"])
     parser.add_argument("--progress", action="store_true", help="show the progress bar")
     parser.add_argument("--no-monitor", dest="monitor", action="store_false", help="train without SharpnessMonitor")
+    parser.add_argument(
+        "--measure-every",
+        type=int,
+        default=None,
+        metavar="N",
+        help="instead of the monitor's defaults, measure every N epochs with the Hessian density, without budget",
+    )
     args = parser.parse_args(argv)
 
     results = {method: [train(method, seed, args) for seed in args.seeds] for method in args.methods}
@@ -115,7 +128,7 @@ def main(argv: list[str] | None = None) -> dict[str, list[dict[str, float]]]:
             f"{eig:>9.2f}{trace:>9.1f}{secs:>9.1f}{share:>9.1%}"
         )
     print("(top eig, tr(H): Hessian of the training loss at the final weights, 512 training examples;")
-    print(" monitor: share of the training time SharpnessMonitor() spent measuring)")
+    print(" monitor: share of the training time the SharpnessMonitor spent measuring)")
     print(f"\nTensorBoard logs in {args.log_dir}/: tensorboard --logdir {args.log_dir}")
     return results
 
