@@ -61,6 +61,18 @@ __all__ = [
 
 LossFn = Callable[[nn.Module, Any], Tensor]
 
+#: The measure functions, by the names ``SharpnessMonitor(measures=[...])`` accepts, in the order the docs list them.
+MEASURE_NAMES = (
+    "hessian_eigenvalues",
+    "hessian_trace",
+    "hessian_diagonal",
+    "diag_sqrt_trace",
+    "spectral_density",
+    "renyi_sharpness",
+    "worst_case_sharpness",
+    "average_case_sharpness",
+)
+
 
 # ---------------------------------------------------------------------------------------------- results
 @dataclass

@@ -30,6 +30,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, IterableDataset
 
+from lightning_sharpness import measures as measures_module
 from lightning_sharpness._lightning import quiet
 
 __all__ = ["SharpnessMonitor", "MeasureSpec"]
@@ -37,17 +38,6 @@ __all__ = ["SharpnessMonitor", "MeasureSpec"]
 MeasureSpec = Union[str, Mapping[str, Any]]
 LossFn = Callable[[nn.Module, Any], Tensor]
 
-#: The measures of the measures issue, in the order the docs list them.
-KNOWN_MEASURES = (
-    "hessian_eigenvalues",
-    "hessian_trace",
-    "hessian_diagonal",
-    "diag_sqrt_trace",
-    "spectral_density",
-    "renyi_sharpness",
-    "worst_case_sharpness",
-    "average_case_sharpness",
-)
 #: What ``SharpnessMonitor()`` measures, sized to fit its 5% time budget on short jobs: the top eigenvalue (to
 #: 1e-3 relative, gradient-started Lanczos: 5-10 HVPs) and a Hutchinson trace on 10 probe vectors. The vectors
 #: are the same at every measurement (seeded), so the curve's changes are far more precise than one estimate's
@@ -68,18 +58,9 @@ _DENSITY_MODES = ("histogram", "image", "both", "none")
 _LANDSCAPE_KEYS = ("dims", "steps", "span", "seed")
 
 
-def _measures_module() -> Any:
-    try:
-        from lightning_sharpness import measures
-    except ImportError as err:  # pragma: no cover - only while the package is incomplete
-        raise ImportError(f"SharpnessMonitor needs `lightning_sharpness.measures`, which failed: {err}") from err
-    return measures
-
-
 def available_measures() -> list[str]:
     """Names accepted in ``SharpnessMonitor(measures=[...])``: the measure functions that exist."""
-    module = _measures_module()
-    return [name for name in KNOWN_MEASURES if callable(getattr(module, name, None))]
+    return list(measures_module.MEASURE_NAMES)
 
 
 @dataclass
@@ -122,7 +103,6 @@ def _parse_measures(measures: Sequence[MeasureSpec], seed: int) -> list[_Measure
             f"`measures` must be a non-empty list of measure names or {{name: ..., option: ...}} mappings, got "
             f"{measures!r}. Available: {available_measures()}."
         )
-    module = _measures_module()
     allowed = available_measures()
     parsed: list[_Measure] = []
     for spec in measures:
@@ -140,7 +120,7 @@ def _parse_measures(measures: Sequence[MeasureSpec], seed: int) -> list[_Measure
             raise ValueError(f"Unknown measure {name!r} in `measures`. Available: {allowed}.")
         if not isinstance(tag, str) or not tag or any(c.isspace() for c in tag):
             raise ValueError(f"`tag` of measure {name!r} must be a non-empty string without spaces, got {tag!r}.")
-        fn = getattr(module, name)
+        fn = getattr(measures_module, name)
         params = list(inspect.signature(fn).parameters.values())[3:]  # after model, loss_fn, batches
         takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params)
         accepted = [p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
