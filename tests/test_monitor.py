@@ -10,34 +10,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
-from lightning.pytorch.loggers import Logger
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_sharpness import measures
 from lightning_sharpness.monitor import SharpnessMonitor, available_measures
+from tests.helpers import RecordingLogger
 
 # ---------------------------------------------------------------------------------------------- fixtures
-
-
-class Recorder(Logger):
-    """Keeps every ``log_metrics`` call."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.records: list[tuple[int, dict[str, float]]] = []
-
-    name = "recorder"  # type: ignore[assignment]
-    version = 0  # type: ignore[assignment]
-
-    def log_hyperparams(self, params, *args, **kwargs) -> None:
-        pass
-
-    def log_metrics(self, metrics, step=None) -> None:
-        self.records.append((step, dict(metrics)))
-
-    def values(self, key: str) -> list[tuple[int, float]]:
-        return [(s, m[key]) for s, m in self.records if key in m]
 
 
 class Net(pl.LightningModule):
@@ -92,7 +72,7 @@ def make_trainer(tmp_path=None, **kwargs) -> pl.Trainer:
     defaults = dict(
         accelerator="cpu",
         devices=1,
-        logger=Recorder(),
+        logger=RecordingLogger(),
         enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,
@@ -161,7 +141,7 @@ def test_every_available_measure_is_accepted_and_seeded():
 
 
 def test_schedule_every_n_steps_and_train_end_logs_at_the_global_step():
-    model, logger = Net(), Recorder()
+    model, logger = Net(), RecordingLogger()
     monitor = SharpnessMonitor(measures=[TRACE], every_n_steps=3, max_overhead=None)
     make_trainer(logger=logger, max_epochs=2, callbacks=[monitor]).fit(model, loader())  # 5 steps per epoch
     steps = [s for s, _ in logger.values("sharpness/hessian_trace")]
@@ -173,18 +153,18 @@ def test_schedule_every_n_steps_and_train_end_logs_at_the_global_step():
 
 
 def test_schedule_every_n_epochs_does_not_repeat_at_train_end():
-    logger = Recorder()
+    logger = RecordingLogger()
     monitor = SharpnessMonitor(measures=[TRACE], every_n_epochs=2, max_overhead=None)
     make_trainer(logger=logger, max_epochs=3, callbacks=[monitor]).fit(Net(), loader())
     assert [s for s, _ in logger.values("sharpness/hessian_trace")] == [10, 15]
-    logger = Recorder()
+    logger = RecordingLogger()
     monitor = SharpnessMonitor(measures=[TRACE], max_overhead=None)
     make_trainer(logger=logger, max_epochs=2, callbacks=[monitor]).fit(Net(), loader())
     assert [s for s, _ in logger.values("sharpness/hessian_trace")] == [5, 10]
 
 
 def test_schedule_with_gradient_accumulation_measures_once_per_optimizer_step():
-    logger = Recorder()
+    logger = RecordingLogger()
     monitor = SharpnessMonitor(measures=[TRACE], every_n_steps=1, on_train_end=False, max_overhead=None)
     trainer = make_trainer(logger=logger, accumulate_grad_batches=2, callbacks=[monitor])
     trainer.fit(Net(), loader(n=48))  # 6 batches, 3 optimizer steps
@@ -211,7 +191,7 @@ def test_probe_set_is_seeded_fixed_and_independent_of_the_loader_order():
 
 def test_logged_values_equal_direct_measurements_of_the_probe_set():
     """At train end, every logged number is the measure of the final weights on the probe batches."""
-    model, logger = Net(dropout=0.5), Recorder()
+    model, logger = Net(dropout=0.5), RecordingLogger()
     spec = [TRACE, TOP, {"name": "hessian_trace", "tag": "trace_pp", "matvecs": 12}]
     monitor = SharpnessMonitor(measures=spec, every_n_epochs=None, every_n_steps=100, max_overhead=None, seed=3)
     make_trainer(logger=logger, max_epochs=2, callbacks=[monitor]).fit(model, loader())
@@ -373,7 +353,7 @@ def test_resume_keeps_probe_set_and_last_step(tmp_path):
     assert state["last_step"] == 5 and [s for s, _ in first.history] == [5]
 
     resumed = SharpnessMonitor(measures=[TRACE], every_n_steps=5, seed=99, max_overhead=None)  # another seed
-    logger = Recorder()
+    logger = RecordingLogger()
     make_trainer(tmp_path, logger=logger, max_epochs=2, callbacks=[resumed]).fit(
         Net(), loader(), ckpt_path=str(tmp_path / "last.ckpt")
     )
@@ -397,7 +377,7 @@ def test_validate_a_checkpoint_measures_it_at_its_global_step(tmp_path):
     make_trainer(tmp_path, max_steps=4, callbacks=[monitor, ckpt], enable_checkpointing=True).fit(model, Data())
     trained = monitor.history[-1]
 
-    fresh, logger = Net(seed=42), Recorder()
+    fresh, logger = Net(seed=42), RecordingLogger()
     validator = SharpnessMonitor(measures=[TRACE], max_overhead=None)
     make_trainer(logger=logger, callbacks=[validator]).validate(fresh, Data(), ckpt_path=str(tmp_path / "last.ckpt"))
     # Same probe set (restored from the checkpoint), same weights: the same number, logged at the same step.
@@ -473,7 +453,7 @@ def test_every_measure_runs_through_the_monitor_and_logs_a_finite_number():
         {"name": "average_case_sharpness", "rho": 0.05, "samples": 4},
     ]
     assert sorted(s["name"] for s in specs) == sorted(available_measures())
-    logger = Recorder()
+    logger = RecordingLogger()
     monitor = SharpnessMonitor(measures=specs, max_overhead=None)
     make_trainer(logger=logger, max_steps=2, callbacks=[monitor]).fit(Net(), loader())
     ((step, logged),) = logger.records[-1:]
