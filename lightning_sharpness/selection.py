@@ -27,25 +27,31 @@ def validate_filter(perturb: ParameterFilter) -> ParameterFilter:
     )
 
 
-def select_parameters(module: nn.Module, perturb: ParameterFilter = "all") -> list[tuple[str, nn.Parameter]]:
-    """The trainable parameters of ``module`` chosen by ``perturb``, in ``named_parameters`` order.
+def select_parameters(
+    module: nn.Module, perturb: ParameterFilter = "all", trainable_only: bool = True
+) -> list[tuple[str, nn.Parameter]]:
+    """The parameters of ``module`` chosen by ``perturb``, in ``named_parameters`` order (a tied parameter
+    once, under its first name).
 
-    ``"all"``: every parameter with ``requires_grad``; ``"norm"``: those of normalization layers only
-    (SAM-ON, Mueller et al. 2023); a callable ``(name, param) -> bool`` for anything else. Raises if nothing
-    is selected, so that a typo in a filter cannot silently turn SAM into plain training.
+    ``"all"``: every parameter; ``"norm"``: those of normalization layers only (SAM-ON, Mueller et al. 2023);
+    a callable ``(name, param) -> bool`` for anything else. ``trainable_only`` keeps those with
+    ``requires_grad``. Raises if nothing is selected, so that a typo in a filter cannot silently turn SAM into
+    plain training.
     """
     validate_filter(perturb)
+    named = [(n, p) for n, p in module.named_parameters() if p.requires_grad or not trainable_only]
     if perturb == "norm":
         norm_layers = [m for m in module.modules() if isinstance(m, NORM_LAYERS)]
         norm_params = {id(p) for m in norm_layers for p in m.parameters(recurse=False)}
-        chosen = [(n, p) for n, p in module.named_parameters() if p.requires_grad and id(p) in norm_params]
+        chosen = [(n, p) for n, p in named if id(p) in norm_params]
     elif perturb == "all":
-        chosen = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
+        chosen = named
     else:
-        chosen = [(n, p) for n, p in module.named_parameters() if p.requires_grad and perturb(n, p)]
+        chosen = [(n, p) for n, p in named if perturb(n, p)]
     if not chosen:
+        which = "trainable parameter" if trainable_only else "parameter (trainable or frozen)"
         raise ValueError(
-            f"`perturb={perturb!r}` selects no trainable parameter of {type(module).__name__}; "
+            f"`perturb={perturb!r}` selects no {which} of {type(module).__name__}; "
             "nothing would be perturbed. Use 'all', 'norm' (normalization layers) or a predicate that matches."
         )
     return chosen

@@ -116,7 +116,7 @@ def test_bad_configuration_fails_at_construction(kwargs, message):
 def test_filter_selecting_nothing_fails_before_any_step():
     module = Classifier(mlp())
     before = clone(module.net)
-    with pytest.raises(ValueError, match="`perturb=.*` selects no trainable parameter"):
+    with pytest.raises(ValueError, match=r"`perturb=.*` selects no parameter \(trainable or frozen\)"):
         trainer(max_steps=STEPS, callbacks=[SAM(perturb="norm")]).fit(module, loader(*classification_data()))
     assert module.calls == []
     for a, b in zip(before.parameters(), module.net.parameters()):

@@ -40,6 +40,7 @@ from lightning_sharpness.sam.engine import (
     all_finite,
     loss_scale,
 )
+from lightning_sharpness.sam.rng import RNGState
 from lightning_sharpness.selection import ParameterFilter
 
 __all__ = ["ASAM", "SAM", "USAM"]
@@ -66,8 +67,19 @@ class SAM(Callback):
             the original SAM code; ``"global"``: one perturbation from the gradient accumulated over all
             micro-batches and all-reduced over devices, then all micro-batches recomputed at ``w + e``.
         bn_update: ``"first"``: normalization running statistics follow Lightning's pass only; ``"both"``.
+        same_dropout: replay the pass at ``w``'s random state in the pass at ``w + e`` (the same dropout masks);
+            ``False`` (default, as in the original code) draws new ones.
+        eps: added to ``||T g||`` before dividing.
         log_diagnostics: log ``sam/rho``, ``sam/grad_norm``, ``sam/perturbed_loss``, ``sam/sharpness_gap``
-            (``L(w + e) - L(w)``) and ``sam/skipped_steps`` at every step.
+            (``L(w + e) - L(w)``) and ``sam/skipped_steps`` on the steps the Trainer logs
+            (``Trainer(log_every_n_steps=...)``, 50 by default: a run shorter than that logs nothing).
+        prog_bar: also show ``sam/sharpness_gap`` in the progress bar.
+
+    The parameters perturbed are those the optimizer steps, that require a gradient and that ``perturb``
+    selects, re-read at every step (parameters unfrozen during fit join from the step they are trainable).
+    A rho schedule counts steps from the first step SAM runs (``start_step`` / ``start_epoch``), not from 0.
+    ``skipped_steps`` counts the steps of this training run whose gradient was not finite; it is saved in
+    checkpoints (a resumed run continues the count) and starts at 0 in a new ``fit`` without a checkpoint.
 
     Example::
 
@@ -85,32 +97,56 @@ class SAM(Callback):
         start_epoch: int = 0,
         mode: str = "local",
         bn_update: str = "first",
+        same_dropout: bool = False,
+        eps: float = 1e-12,
         log_diagnostics: bool = True,
+        prog_bar: bool = False,
     ) -> None:
         for name, value in (("start_step", start_step), ("start_epoch", start_epoch)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ValueError(f"`{name}` must be an integer >= 0, got {value!r}.")
+        for name, flag in (("log_diagnostics", log_diagnostics), ("prog_bar", prog_bar)):
+            if not isinstance(flag, bool):
+                raise ValueError(f"`{name}` must be True or False, got {flag!r}.")
         self.engine = SAMEngine(
-            rho=rho, geometry=geometry, normalize=normalize, m=m, perturb=perturb, bn_update=bn_update, mode=mode
+            rho=rho,
+            geometry=geometry,
+            normalize=normalize,
+            m=m,
+            perturb=perturb,
+            bn_update=bn_update,
+            mode=mode,
+            eps=eps,
+            same_dropout=same_dropout,
         )
         self.start_step = start_step
         self.start_epoch = start_epoch
         self.log_diagnostics = log_diagnostics
-        self.skipped_steps = 0
-        self._reset_step()
+        self.prog_bar = prog_bar
         self._sync_blocker = ExitStack()
+        self._reset_fit()
+
+    def _reset_fit(self) -> None:
+        """Per-fit state: nothing of an earlier (perhaps interrupted) fit may leak into the next one."""
+        self.skipped_steps = 0
+        self._sam_start: int | None = None  # the global step SAM first ran at; rho schedules count from it
+        self._sync_blocker.close()
+        self.engine.restore()
+        self._reset_step()
+        self._micro_count = 0
 
     def _reset_step(self) -> None:
         self._active = False
         self._stats = SAMStepStats()
         self._stash: list[Tensor | None] = []
-        self._micro_batches: list[tuple[Any, int]] = []
-        self._micro_count = 0
+        self._micro_batches: list[tuple[Any, int, Any]] = []
+        self._rng = None
 
     # ---------------------------------------------------------------- validation before any step
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
+        self._reset_fit()  # before Lightning restores a checkpoint's state into this callback
         if not pl_module.automatic_optimization:
             raise ValueError(
                 "The SAM callback needs automatic optimization, but "
@@ -130,7 +166,7 @@ class SAM(Callback):
                     "The SAM callback cannot wrap torch.optim.LBFGS: it re-evaluates the loss through a closure of "
                     "its own, so the perturbed gradient would be replaced. Use a first-order optimizer."
                 )
-        self.engine.bind(pl_module)
+        self.engine.check_filter(pl_module)
         self._step_takes_batch_idx = is_param_in_hook_signature(pl_module.training_step, "batch_idx", min_args=2)
         if isinstance(trainer.strategy, FSDPStrategy) and self.engine.mode == "local":
             rank_zero_warn(
@@ -145,16 +181,23 @@ class SAM(Callback):
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
-        if self._micro_count == 0:
+        first_micro_batch = self._micro_count == 0
+        if first_micro_batch:
             self._reset_step()
         self._active = self._sam_is_on(trainer)
         self._micro_count += 1
         self._stepping = not trainer.fit_loop._should_accumulate()  # private, but the one source of truth
         if not self._active:
             return
-        self._stats.rho = self.engine.rho_at(trainer.global_step)
+        if first_micro_batch:
+            # What the optimizer steps may have changed (a BackboneFinetuning unfreeze): re-bind if so.
+            self.engine.follow(pl_module, trainer.optimizers[0])
+        if self._sam_start is None:
+            self._sam_start = trainer.global_step
+        self._stats.rho = self.engine.rho_at(trainer.global_step - self._sam_start)
+        self._rng = self.engine.rng_state()
         if self.engine.mode == "global":
-            self._micro_batches.append((batch, batch_idx))
+            self._micro_batches.append((batch, batch_idx, self._rng))
         elif self._stepping and isinstance(trainer.strategy, ParallelStrategy):
             # Local mode: Lightning's pass must not all-reduce; the perturbed pass of this micro-batch will.
             self._sync_blocker.enter_context(trainer.strategy.block_backward_sync())
@@ -189,6 +232,7 @@ class SAM(Callback):
             # Local mode under DDP: everything so far ran under no_sync; the last perturbed pass all-reduces.
             before_last_perturbed_pass=self._sync_blocker.close,
             reduce_sq_norm=self._sq_norm_reduction(trainer),
+            first_pass_rng=self._rng,
         )
         self._stash = []
         self._record(stats.perturbed_loss / k, stats.grad_norm)
@@ -199,15 +243,17 @@ class SAM(Callback):
         if grad_norm is None:
             return  # the non-finite gradient stays; the step is skipped
         parallel = isinstance(trainer.strategy, ParallelStrategy)
-        with engine.frozen_norm_stats():
-            for i, (batch, batch_idx) in enumerate(self._micro_batches):
-                with ExitStack() as no_sync:
-                    if parallel and i < len(self._micro_batches) - 1:
-                        no_sync.enter_context(trainer.strategy.block_backward_sync())
-                    perturbed = self._loss(trainer, pl_module, batch, batch_idx)
-                    self._backward(trainer, pl_module, perturbed, k / scale)
-                self._record(perturbed.detach() / k, None)
-        engine.restore()
+        try:
+            with engine.frozen_norm_stats():
+                for i, (batch, batch_idx, rng) in enumerate(self._micro_batches):
+                    with ExitStack() as no_sync, RNGState.replaying(rng):
+                        if parallel and i < len(self._micro_batches) - 1:
+                            no_sync.enter_context(trainer.strategy.block_backward_sync())
+                        perturbed = self._loss(trainer, pl_module, batch, batch_idx)
+                        self._backward(trainer, pl_module, perturbed, k / scale)
+                    self._record(perturbed.detach() / k, None)
+        finally:
+            engine.restore()
         self._stats.grad_norm = grad_norm
 
     def _perturb(self, trainer: pl.Trainer, grad_divisor: float) -> Tensor | None:
@@ -261,30 +307,49 @@ class SAM(Callback):
             if getattr(trainer.precision_plugin, "scaler", None) is None:
                 # No scaler to skip the step for us: without gradients the optimizer leaves every weight alone.
                 optimizer.zero_grad(set_to_none=True)
-        # Like LearningRateMonitor: build the metrics only on steps the loggers write (log_dict is not free).
-        if self.log_diagnostics and trainer._logger_connector.should_update_logs:
-            self._log(pl_module)
+        # Like LearningRateMonitor: build the metrics only on steps the loggers write (log_dict is not free);
+        # the progress bar, when asked for, shows the sharpness gap at every step.
+        if self.log_diagnostics:
+            self._log(pl_module, to_loggers=trainer._logger_connector.should_update_logs)
         self._micro_count = 0
 
-    def _log(self, pl_module: pl.LightningModule) -> None:
+    def _log(self, pl_module: pl.LightningModule, to_loggers: bool) -> None:
         stats = self._stats
+        gap = None
+        if stats.perturbed_loss is not None and stats.loss is not None:
+            gap = (stats.perturbed_loss - stats.loss).float()
+            if self.prog_bar:
+                pl_module.log("sam/sharpness_gap", gap, on_step=True, on_epoch=False, prog_bar=True)
+        if not to_loggers:
+            return
         metrics: dict[str, Any] = {"sam/rho": stats.rho, "sam/skipped_steps": float(self.skipped_steps)}
         if stats.grad_norm is not None:
             metrics["sam/grad_norm"] = stats.grad_norm.detach().float()
-        if stats.perturbed_loss is not None and stats.loss is not None:
+        if gap is not None:
             metrics["sam/perturbed_loss"] = stats.perturbed_loss.float()
-            metrics["sam/sharpness_gap"] = (stats.perturbed_loss - stats.loss).float()
+            if not self.prog_bar:
+                metrics["sam/sharpness_gap"] = gap
         pl_module.log_dict(metrics, on_step=True, on_epoch=False)
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
         self._sync_blocker.close()  # in case training_step returned None and no backward ran
 
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        # The weights are already back at w (every perturbed pass restores on its way out); drop the rest of
+        # the interrupted step so that a later fit with this callback starts clean.
+        self.engine.restore()
+        self._sync_blocker.close()
+        self._reset_step()
+        self._micro_count = 0
+
     # ---------------------------------------------------------------- checkpointing
     def state_dict(self) -> dict[str, Any]:
-        return {"skipped_steps": self.skipped_steps}
+        return {"skipped_steps": self.skipped_steps, "sam_start": self._sam_start}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.skipped_steps = state_dict["skipped_steps"]
+        # Checkpoints of version 0.1 have no "sam_start": their schedules counted from step 0, and keep doing so.
+        self._sam_start = state_dict.get("sam_start", 0)
 
 
 class ASAM(SAM):

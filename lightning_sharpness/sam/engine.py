@@ -8,20 +8,26 @@ adaptive, geodesic), a parameter filter (all, SAM-ON, a mask), a radius schedule
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator
+import math
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Any, Union
 
 import torch
-from lightning_utilities.core.apply_func import apply_to_collection
+from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import Tensor, nn
 
+from lightning_sharpness.batching import count_examples, split_examples
 from lightning_sharpness.geometry import Geometry, resolve_geometry
+from lightning_sharpness.sam.rng import RNGState
 from lightning_sharpness.sam.schedules import RhoSchedule, validate_rho
 from lightning_sharpness.selection import ParameterFilter, select_parameters, validate_filter
 
 __all__ = ["SAMEngine", "SAMStepStats", "accumulate_sam_gradient", "split_batch"]
+
+#: Kept for code that imported it from here; the batch contract lives in :mod:`lightning_sharpness.batching`.
+split_batch = split_examples
 
 RhoLike = Union[float, RhoSchedule]
 _BN_UPDATES = ("first", "both")
@@ -53,6 +59,16 @@ class SAMEngine:
             only (standard practice); ``"both"``: SAM's extra passes update them too.
         mode: ``"local"``: each micro-batch on each device is perturbed by its own gradient;
             ``"global"``: one perturbation from the gradient of the whole effective batch.
+        eps: added to ``||T g||`` before dividing (a zero gradient gives a zero step), a finite number >= 0.
+        same_dropout: replay the random state of the pass at ``w`` in the pass at ``w + e``, so that dropout
+            (and any other random op) draws the same mask in both; ``False`` (the default, as in the original
+            SAM code and davda54/sam) lets the second pass draw new ones. With replay the random state after
+            the step is the one the pass at ``w`` left: the replayed pass does not advance it.
+
+    Which parameters move: those the optimizer steps (its param groups, as they are at each step) that
+    require a gradient and that ``perturb`` selects. The set is re-read at every step and re-bound only
+    when it changed, so parameters unfrozen during fit (``BackboneFinetuning``) are perturbed from the step
+    they become trainable.
     """
 
     def __init__(
@@ -65,6 +81,7 @@ class SAMEngine:
         bn_update: str = "first",
         mode: str = "local",
         eps: float = 1e-12,
+        same_dropout: bool = False,
     ) -> None:
         if not isinstance(rho, RhoSchedule):
             rho = validate_rho(rho)
@@ -79,8 +96,11 @@ class SAMEngine:
                 "`mode='global'` perturbs with the gradient of the whole effective batch and cannot be combined "
                 f"with m-sharpness (`m={m}`); use `mode='local'` with `m`, or drop `m`."
             )
-        if not isinstance(normalize, bool):
-            raise ValueError(f"`normalize` must be True or False, got {normalize!r}.")
+        for name, flag in (("normalize", normalize), ("same_dropout", same_dropout)):
+            if not isinstance(flag, bool):
+                raise ValueError(f"`{name}` must be True or False, got {flag!r}.")
+        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not math.isfinite(eps) or eps < 0:
+            raise ValueError(f"`eps` must be a finite number >= 0, got {eps!r}.")
         self.rho = rho
         self.geometry = resolve_geometry(geometry)
         self.normalize = normalize
@@ -88,38 +108,58 @@ class SAMEngine:
         self.perturb_filter = validate_filter(perturb)
         self.bn_update = bn_update
         self.mode = mode
-        self.eps = eps
+        self.eps = float(eps)
+        self.same_dropout = same_dropout
         self._params: list[nn.Parameter] = []
         self._trainable: list[nn.Parameter] = []
         self._norm_layers: list[nn.Module] = []
         self._moved: list[Tensor] = []
         self._saved: list[Tensor] = []
+        self._binding: tuple | None = None
+        self._warned_empty = False
 
-    # ---------------------------------------------------------------- setup
-    def bind(self, module: nn.Module, only: Iterable[Tensor] | None = None) -> None:
-        """Choose the perturbed parameters of ``module`` (raises if the filter selects none).
+    # ---------------------------------------------------------------- which parameters
+    def check_filter(self, module: nn.Module) -> None:
+        """Raise before training if ``perturb`` selects no parameter of ``module`` at all (frozen ones count:
+        they may be unfrozen later), so that a typo cannot silently turn SAM into plain training."""
+        select_parameters(module, self.perturb_filter, trainable_only=False)
 
-        ``only`` restricts everything to the given parameters (those of one optimizer, for the mixin).
+    def follow(self, module: nn.Module, optimizer: torch.optim.Optimizer, grads_of: str = "module") -> None:
+        """Bind to the parameters ``optimizer`` steps that require a gradient, re-binding only when that set
+        changed since the last call (a tuple comparison per step).
+
+        ``grads_of``: whose gradients the step sets aside and sums, ``"module"`` (every trainable parameter of
+        the module: the callback, where Lightning's backward reaches all of them) or ``"optimizer"`` (its own
+        parameters only: the mixin, where each optimizer's step must leave the others' gradients alone).
         """
-        allowed = None if only is None else {id(p) for p in only}
-        named = select_parameters(module, self.perturb_filter)
-        named = [(n, p) for n, p in named if allowed is None or id(p) in allowed]
-        if not named:
-            raise ValueError(
-                f"`perturb={self.perturb_filter!r}` selects none of the optimizer's parameters; nothing would be "
-                "perturbed. Use 'all', 'norm' (normalization layers) or a predicate that matches."
+        stepped = [p for group in optimizer.param_groups for p in group["params"] if p.requires_grad]
+        key = (tuple(map(id, stepped)),)
+        if grads_of == "module":
+            key += (tuple(id(p) for p in module.parameters() if p.requires_grad),)
+        if key == self._binding:
+            return
+        self._binding = key
+        allowed = {id(p) for p in stepped}
+        named = select_parameters(module, self.perturb_filter, trainable_only=False)
+        named = [(n, p) for n, p in named if id(p) in allowed]
+        if not named and not self._warned_empty:
+            self._warned_empty = True
+            rank_zero_warn(
+                f"SAM: no parameter is trainable, held by the optimizer and selected by `perturb="
+                f"{self.perturb_filter!r}` now; until one is, SAM's step is a plain gradient step."
             )
         self.geometry.bind(module, named)
         self._params = [p for _, p in named]
-        # Gradients are set aside and released for every trainable parameter, perturbed or not.
-        self._trainable = [p for p in module.parameters() if p.requires_grad and (allowed is None or id(p) in allowed)]
+        self._trainable = stepped if grads_of == "optimizer" else [p for p in module.parameters() if p.requires_grad]
         self._norm_layers = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._NormBase)]
 
     @property
-    def params(self) -> list[nn.Parameter]:
-        return self._params
+    def perturbed_parameters(self) -> list[nn.Parameter]:
+        """The parameters the last :meth:`follow` chose to perturb."""
+        return list(self._params)
 
     def rho_at(self, step: int) -> float:
+        """The radius at ``step``, counted from the first step SAM runs (0 at that step)."""
         rho = self.rho(step) if isinstance(self.rho, RhoSchedule) else self.rho
         return validate_rho(rho, f"rho (schedule value at step {step})")
 
@@ -153,7 +193,8 @@ class SAMEngine:
         return grad_norm
 
     def restore(self) -> None:
-        """Write the weights saved by :meth:`perturb` back (bitwise) and free the copy."""
+        """Write the weights saved by :meth:`perturb` back (bitwise) and free the copy; a no-op when nothing
+        is moved, so that every exit path can call it."""
         with torch.no_grad():
             for p, w in zip(self._moved, self._saved):
                 p.copy_(w)
@@ -189,7 +230,13 @@ class SAMEngine:
 
     def chunks(self, batch: Any) -> list[tuple[Any, float]]:
         """Split ``batch`` into chunks of ``m`` examples with their weights ``|chunk| / |batch|``."""
-        return split_batch(batch, self.m)
+        return split_examples(batch, self.m)
+
+    def rng_state(self) -> RNGState | None:
+        """The random state to replay in a perturbed pass (``same_dropout``), or ``None``."""
+        if not self.same_dropout:
+            return None
+        return RNGState.capture(self._params[0].device if self._params else torch.device("cpu"))
 
 
 def accumulate_sam_gradient(
@@ -204,9 +251,10 @@ def accumulate_sam_gradient(
     before_last_perturbed_pass: Callable[[], None] = lambda: None,
     reduce_sq_norm: Callable[[Tensor], Tensor] | None = None,
     perturbed_pass_context: Callable[[], AbstractContextManager] = nullcontext,
+    first_pass_rng: RNGState | None = None,
 ) -> SAMStepStats:
     """Add the SAM gradient of ``batch`` to ``stash`` and leave the sum in ``.grad``; the weights end bitwise as
-    they started.
+    they started, on every exit path (an exception or a ``KeyboardInterrupt`` in a perturbed pass included).
 
     For each chunk of ``engine.m`` examples (the whole batch when ``m`` is None): its gradient ``g`` at ``w``
     (already in ``.grad`` when ``first_grad_ready`` and there is one chunk), the move to ``w + e(g)``, the
@@ -214,34 +262,61 @@ def accumulate_sam_gradient(
     scale like the pass that produced ``g`` (``grad_divisor`` is that scale). A non-finite ``g`` is kept in the
     sum, so the step is skipped downstream, but the perturbed pass still runs at ``w`` so that every process of
     a DDP job joins the same all-reduce. ``before_last_perturbed_pass`` lets the caller enable gradient sync;
-    ``perturbed_pass_context`` wraps each pass at ``w + e`` (the mixin mutes the module's logging there).
+    ``perturbed_pass_context`` wraps each pass at ``w + e`` (the mixin mutes the module's logging there);
+    ``first_pass_rng`` is the random state the caller's own pass at ``w`` started from (``same_dropout``).
     """
     chunks = engine.chunks(batch)
     stats = SAMStepStats(rho=rho)
     for i, (chunk, weight) in enumerate(chunks):
+        rng = first_pass_rng
         if not (first_grad_ready and len(chunks) == 1):
             engine.take_grads()  # a whole-batch gradient from the caller's pass is not this chunk's
-            with engine.frozen_norm_stats() if first_grad_ready else nullcontext():
+            rng = engine.rng_state()
+            with engine.frozen_norm_stats() if first_grad_ready else nullcontext(), _explain_tiny_chunk(chunk, batch):
                 loss = loss_of(chunk)
                 backward(loss)
             stats.loss = _add(stats.loss, loss.detach() * weight)
         grad_norm = engine.perturb(rho, grad_divisor, reduce_sq_norm)
-        if grad_norm is None:
-            stash = _sum_grads(stash, engine.take_grads())
-        else:
-            stats.grad_norm = grad_norm
-        engine.put_grads(stash)
-        if i == len(chunks) - 1:
-            before_last_perturbed_pass()
-        with engine.frozen_norm_stats(), perturbed_pass_context():
-            perturbed = loss_of(chunk)
-            backward(perturbed * weight)
-        if grad_norm is not None:
+        try:
+            if grad_norm is None:
+                stash = _sum_grads(stash, engine.take_grads())
+            else:
+                stats.grad_norm = grad_norm
+            engine.put_grads(stash)
+            if i == len(chunks) - 1:
+                before_last_perturbed_pass()
+            with engine.frozen_norm_stats(), perturbed_pass_context(), RNGState.replaying(rng):
+                perturbed = loss_of(chunk)
+                backward(perturbed * weight)
+        finally:
             engine.restore()
         stash = engine.take_grads()
         stats.perturbed_loss = _add(stats.perturbed_loss, perturbed.detach() * weight)
     engine.put_grads(stash)
     return stats
+
+
+@contextmanager
+def _explain_tiny_chunk(chunk: Any, batch: Any) -> Iterator[None]:
+    """Turn torch's BatchNorm error on a one-example chunk into one that says where the chunk came from."""
+    try:
+        yield
+    except ValueError as err:
+        if "Expected more than 1 value per channel" not in str(err):
+            raise
+        raise ValueError(
+            f"m-sharpness gave a chunk of {_examples(chunk)} example out of a batch of {_examples(batch)}, and "
+            "BatchNorm in training mode cannot normalize one value per channel. Choose `m` >= 2 that divides the "
+            "batch size (a last, shorter chunk of 1 comes from a batch size that leaves a remainder of 1: set "
+            "`drop_last=True` or change the batch size), or use a normalization without batch statistics."
+        ) from err
+
+
+def _examples(batch: Any) -> int | str:
+    try:
+        return count_examples(batch)
+    except ValueError:
+        return "?"
 
 
 def _add(total: Tensor | None, value: Tensor) -> Tensor:
@@ -250,36 +325,6 @@ def _add(total: Tensor | None, value: Tensor) -> Tensor:
 
 def _sum_grads(a: list[Tensor | None], b: list[Tensor | None]) -> list[Tensor | None]:
     return [x if y is None else y if x is None else x + y for x, y in zip(a, b)]
-
-
-def _batch_size(batch: Any) -> int:
-    sizes = set()
-    apply_to_collection(batch, Tensor, lambda t: sizes.add(t.shape[0]) if t.dim() > 0 else None)
-    if len(sizes) != 1:
-        raise ValueError(
-            f"m-sharpness splits a batch along dim 0, but the batch's tensors have first dimensions {sorted(sizes)}; "
-            "all tensors of a batch must share their first dimension."
-        )
-    return sizes.pop()
-
-
-def split_batch(batch: Any, m: int | None) -> list[tuple[Any, float]]:
-    """Chunks of ``m`` examples along dim 0 of every tensor in ``batch``, with weights ``|chunk| / |batch|``.
-
-    When ``m`` does not divide the batch (the last batch of an epoch), the last chunk is smaller and weighs
-    proportionally less, so the chunk losses still average to the batch mean. ``m=None`` or ``m >= |batch|``
-    gives the batch itself.
-    """
-    if m is None:
-        return [(batch, 1.0)]
-    n = _batch_size(batch)
-    if m >= n:
-        return [(batch, 1.0)]
-    starts = range(0, n, m)
-    return [
-        (apply_to_collection(batch, Tensor, lambda t, s=s: t[s : s + m] if t.dim() > 0 else t), min(m, n - s) / n)
-        for s in starts
-    ]
 
 
 def loss_scale(precision_plugin: Any) -> float:

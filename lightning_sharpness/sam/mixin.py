@@ -6,6 +6,7 @@ manual module."""
 from __future__ import annotations
 
 import copy
+import weakref
 from collections.abc import Callable
 from contextlib import ExitStack
 from typing import Any
@@ -71,7 +72,7 @@ class SAMMixin:
         engine = self._sam_engine_for(optimizer, sam)
         trainer = self.trainer
         scale = loss_scale(trainer.precision_plugin)
-        rho = engine.rho_at(self.global_step)
+        rho = engine.rho_at(self.global_step)  # the mixin runs SAM from the first step: counted from 0
         with ExitStack() as no_sync:
             if engine.mode == "local" and isinstance(trainer.strategy, ParallelStrategy):
                 no_sync.enter_context(trainer.strategy.block_backward_sync())
@@ -109,20 +110,26 @@ class SAMMixin:
         return stats.loss
 
     def _sam_engine_for(self, optimizer: LightningOptimizer, sam: SAMEngine | None) -> SAMEngine:
-        """One engine bound to each optimizer's parameters, made on first use."""
+        """The engine that steps ``optimizer``: one per optimizer, held by the module (weakly keyed by the
+        optimizer, so a finished fit's optimizers free theirs), re-made only when a different configuration
+        is passed, and re-bound whenever the optimizer's trainable parameters change."""
         inner = optimizer.optimizer if isinstance(optimizer, LightningOptimizer) else optimizer
         if isinstance(inner, torch.optim.LBFGS):
             raise ValueError(
                 "`sam_step` cannot drive torch.optim.LBFGS: it re-evaluates the loss through a closure of its own, "
                 "so the perturbed gradient would be replaced. Use a first-order optimizer."
             )
-        template = sam if sam is not None else getattr(self, "sam", None) or SAMEngine()
-        if not isinstance(template, SAMEngine):
+        template = sam if sam is not None else getattr(self, "sam", None)
+        if template is not None and not isinstance(template, SAMEngine):
             raise ValueError(f"`sam` must be a `SAMEngine`, got {type(template).__name__}.")
-        bound = self.__dict__.setdefault("_sam_bound_engines", {})
-        key = (id(inner), id(template))
-        if key not in bound:
-            engine = copy.deepcopy(template)
-            engine.bind(self, only=[p for group in inner.param_groups for p in group["params"]])
-            bound[key] = engine
-        return bound[key]
+        engines = self.__dict__.setdefault("_sam_engines", weakref.WeakKeyDictionary())
+        held = engines.get(inner)
+        if held is None or held[0] is not template:
+            # A copy per optimizer: one configuration may serve several optimizers, each bound to its own
+            # parameters. The default configuration is made once per optimizer, not once per step.
+            engine = copy.deepcopy(template) if template is not None else SAMEngine()
+            engine.check_filter(self)
+            engines[inner] = held = (template, engine)
+        engine = held[1]
+        engine.follow(self, inner, grads_of="optimizer")
+        return engine
