@@ -18,6 +18,14 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from lightning_sharpness.attention_heads import (
+    AttentionHeads,
+    Piece,
+    declared_attention,
+    find_attention,
+    no_attention_message,
+)
+
 __all__ = ["AdaptiveGeometry", "Geometry", "StandardGeometry", "resolve_geometry"]
 
 
@@ -161,23 +169,21 @@ class AdaptiveGeometry(Geometry):
 
 
 # ---------------------------------------------------------------------------------------------- geodesic
-_Piece = tuple[str, str, slice]  # (parameter name, "rows" | "cols" | "bias", which rows/columns/entries)
-
-
 class _Block:
     """One head's factor pair ``(G, H)`` whose product ``G H^T`` is all the network sees (``G -> G A``,
     ``H -> H A^-T`` for any invertible ``A`` leaves it unchanged). Each factor is stacked from pieces of
     parameters: the head's rows of a projection weight (transposed), its columns, or its bias entries (one
     extra row, since the biases transform with the same ``A``)."""
 
-    def __init__(self, g: list[_Piece], h: list[_Piece]) -> None:
+    def __init__(self, kind: str, g: list[Piece], h: list[Piece]) -> None:
+        self.kind = kind  # "qk" or "vo"
         self.factors = (g, h)
 
     def names(self) -> set[str]:
         return {piece[0] for factor in self.factors for piece in factor}
 
     @staticmethod
-    def gather(factor: list[_Piece], tensors: dict[str, Tensor]) -> Tensor:
+    def gather(factor: list[Piece], tensors: dict[str, Tensor]) -> Tensor:
         parts = []
         for name, kind, idx in factor:
             t = tensors[name]
@@ -185,7 +191,7 @@ class _Block:
         return torch.cat(parts, 0)
 
     @staticmethod
-    def scatter(factor: list[_Piece], tensors: dict[str, Tensor], matrix: Tensor) -> None:
+    def scatter(factor: list[Piece], tensors: dict[str, Tensor], matrix: Tensor) -> None:
         start = 0
         for name, kind, idx in factor:
             t = tensors[name]
@@ -228,9 +234,14 @@ class GeodesicGeometry(AdaptiveGeometry):
     ``x + xi - Gamma(xi, xi) / 2`` with ``Gamma_G(xi, xi) = G P^-1 xi^T xi - xi P^-1 (xi^T G + G^T xi)``.
     All other parameters use the adaptive geometry (``T = |w| + eta``). Balls are l2 only.
 
-    :meth:`bind` finds every ``nn.MultiheadAttention`` (so ``nn.TransformerEncoderLayer`` and friends work as
-    they are); custom attention is declared with ``qk_pairs`` / ``vo_pairs``: ``(query, key, heads)`` and
-    ``(value, output, heads)`` names of ``nn.Linear`` modules, relative to the bound module.
+    :meth:`bind` finds the heads by itself (:mod:`lightning_sharpness.attention_heads`): ``nn.MultiheadAttention``
+    (so ``nn.TransformerEncoderLayer`` and friends), HuggingFace-style self-attention with separate
+    query/key/value ``nn.Linear`` layers (BERT, RoBERTa, ViT, CLIP, T5, ...) and a fused ``qkv`` ``nn.Linear``
+    with a head count and a ``proj`` (timm's ViT). Other attention is declared with ``qk_pairs`` /
+    ``vo_pairs``: ``(query, key, heads)`` and ``(value, output, heads)`` names of ``nn.Linear`` modules,
+    relative to the bound module. A model where no head is found or declared raises at :meth:`bind`, unless
+    ``require_heads=False`` (then this is the adaptive geometry). After binding, ``attention`` lists what was
+    found (:class:`~lightning_sharpness.attention_heads.AttentionHeads`) and ``blocks`` the head pairs used.
 
     Example::
 
@@ -248,8 +259,11 @@ class GeodesicGeometry(AdaptiveGeometry):
         eta: float = 0.01,
         qk_pairs: Sequence[tuple[str, str, int]] = (),
         vo_pairs: Sequence[tuple[str, str, int]] = (),
+        require_heads: bool = True,
     ) -> None:
         super().__init__(eta)
+        if not isinstance(require_heads, bool):
+            raise ValueError(f"`require_heads` must be True or False, got {require_heads!r}.")
         for arg, pairs in (("qk_pairs", qk_pairs), ("vo_pairs", vo_pairs)):
             for pair in pairs:
                 if not (
@@ -263,74 +277,27 @@ class GeodesicGeometry(AdaptiveGeometry):
                     raise ValueError(f"`{arg}` entries must be (name, name, heads >= 1), got {pair!r}.")
         self.qk_pairs = [tuple(p) for p in qk_pairs]
         self.vo_pairs = [tuple(p) for p in vo_pairs]
+        self.require_heads = require_heads
+        self.attention: list[AttentionHeads] = []
         self.blocks: list[_Block] = []
         self._by_id: dict[int, str] = {}
 
     # ------------------------------------------------------------------ structure
     def bind(self, module: torch.nn.Module, named_params: Sequence[tuple[str, Tensor]]) -> None:
+        """Find the heads of ``module`` (declared ones first, then those :func:`find_attention` recognizes that
+        share no parameter with a declared one) and keep the pairs whose parameters are all perturbed.
+
+        Raises if ``module`` has no usable head at all, unless ``require_heads=False``."""
         chosen = {name for name, _ in named_params}
         self._by_id = {id(p): name for name, p in named_params}
-        blocks: list[_Block] = []
-        modules = dict(module.named_modules())
-        for prefix, m in modules.items():
-            if isinstance(m, torch.nn.MultiheadAttention):
-                blocks += self._mha_blocks(prefix, m)
-        for kind, pairs in (("qk", self.qk_pairs), ("vo", self.vo_pairs)):
-            for first, second, heads in pairs:
-                for name in (first, second):
-                    if not isinstance(modules.get(name), torch.nn.Linear):
-                        raise ValueError(f"`{kind}_pairs`: {name!r} is not an nn.Linear of {type(module).__name__}.")
-                blocks += self._linear_blocks(kind, first, modules[first], second, modules[second], heads)
+        declared = declared_attention(module, self.qk_pairs, self.vo_pairs)
+        taken = set().union(*(a.parameter_names() for a in declared))
+        found = [a for a in find_attention(module) if not a.parameter_names() & taken]
+        self.attention = declared + found
+        blocks = [_Block(kind, g, h) for a in self.attention for kind, g, h in a.pairs()]
+        if not blocks and self.require_heads:
+            raise ValueError(no_attention_message(module, found))
         self.blocks = [b for b in blocks if b.names() <= chosen]
-
-    @staticmethod
-    def _head_slices(total: int, heads: int, where: str) -> list[slice]:
-        if total % heads:
-            raise ValueError(f"`{where}`: {total} features do not split into {heads} heads.")
-        h = total // heads
-        return [slice(i * h, (i + 1) * h) for i in range(heads)]
-
-    def _mha_blocks(self, prefix: str, m: torch.nn.MultiheadAttention) -> list[_Block]:
-        pre = f"{prefix}." if prefix else ""
-        e, heads = m.embed_dim, m.num_heads
-        bias = m.in_proj_bias is not None
-        out = []
-        for sl in self._head_slices(e, heads, prefix or "MultiheadAttention"):
-
-            def rows(which: int, sl: slice = sl) -> slice:
-                return slice(which * e + sl.start, which * e + sl.stop)
-
-            if m._qkv_same_embed_dim:
-                q = [(f"{pre}in_proj_weight", "rows", rows(0))]
-                k = [(f"{pre}in_proj_weight", "rows", rows(1))]
-                v = [(f"{pre}in_proj_weight", "rows", rows(2))]
-            else:
-                q = [(f"{pre}q_proj_weight", "rows", sl)]
-                k = [(f"{pre}k_proj_weight", "rows", sl)]
-                v = [(f"{pre}v_proj_weight", "rows", sl)]
-            if bias:
-                q.append((f"{pre}in_proj_bias", "bias", rows(0)))
-                k.append((f"{pre}in_proj_bias", "bias", rows(1)))
-                v.append((f"{pre}in_proj_bias", "bias", rows(2)))
-            o = [(f"{pre}out_proj.weight", "cols", sl)]
-            out += [_Block(q, k), _Block(v, o)]
-        return out
-
-    def _linear_blocks(
-        self, kind: str, first: str, a: torch.nn.Linear, second: str, b: torch.nn.Linear, heads: int
-    ) -> list[_Block]:
-        out = []
-        sa = self._head_slices(a.out_features, heads, f"{kind}_pairs {first}")
-        sb = self._head_slices(b.out_features if kind == "qk" else b.in_features, heads, f"{kind}_pairs {second}")
-        for s1, s2 in zip(sa, sb):
-            g = [(f"{first}.weight", "rows", s1)] + ([(f"{first}.bias", "bias", s1)] if a.bias is not None else [])
-            if kind == "qk":
-                h = [(f"{second}.weight", "rows", s2)]
-                h += [(f"{second}.bias", "bias", s2)] if b.bias is not None else []
-            else:
-                h = [(f"{second}.weight", "cols", s2)]
-            out.append(_Block(g, h))
-        return out
 
     def _active(self, params: Sequence[Tensor]) -> tuple[dict[str, int], list[_Block]]:
         index = {self._by_id[id(p)]: i for i, p in enumerate(params) if id(p) in self._by_id}
@@ -473,7 +440,7 @@ class GeodesicGeometry(AdaptiveGeometry):
                 p.copy_(new)
 
     def __repr__(self) -> str:
-        return f"GeodesicGeometry(eta={self.eta}, heads_pairs={len(self.blocks)})"
+        return f"GeodesicGeometry(eta={self.eta}, head_pairs={len(self.blocks)})"
 
 
 _NAMED = {"standard": StandardGeometry, "adaptive": AdaptiveGeometry, "geodesic": GeodesicGeometry}
