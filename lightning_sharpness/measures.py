@@ -35,6 +35,7 @@ from lightning_sharpness._state import preserved
 from lightning_sharpness.curvature.batches import split_batch
 from lightning_sharpness.curvature.density import SpectralDensity, slq
 from lightning_sharpness.curvature.diagonal import diagonal as _diagonal
+from lightning_sharpness.curvature.diagonal import sqrt_sum
 from lightning_sharpness.curvature.lanczos import lanczos_eigs
 from lightning_sharpness.curvature.operator import HessianOperator, ParamSelection, select_named_parameters
 from lightning_sharpness.curvature.probes import make_generator, rademacher
@@ -284,30 +285,26 @@ def diag_sqrt_trace(
 ) -> Estimate:
     """``tr(diag(H)^1/2) = sum_i sqrt(H_ii)``, the sharpness Adam minimizes near the minimizer manifold
     (Adam reduces a unique form of sharpness); negative diagonal entries count as 0. ``info["trace"]`` holds
-    ``tr(H)`` from the same products, the sharpness SGD with label noise minimizes. The stochastic estimate
-    carries a jackknife standard error over groups of probes.
+    ``tr(H)`` from the same products, the sharpness SGD with label noise minimizes.
+
+    The square root of a noisy diagonal estimate is biased (up by about ``0.41 sqrt(s_i)`` where ``H_ii`` is 0
+    and its estimate has standard error ``s_i``), so the stochastic estimate is the plug-in corrected by the middle
+    of its possible bias, and ``value +- 1.96 stderr`` (``info["interval"]``) is a 95% confidence interval that
+    includes the bias bound (see :func:`~lightning_sharpness.curvature.diagonal.sqrt_sum`). Where many entries are
+    below their noise (``info["unresolved"]``), the interval is conservative: raise ``matvecs``, or pass
+    ``exact=True``, which costs one product per parameter and is the cheaper choice when the parameter count is at
+    most ``matvecs``.
 
     Example::
 
         r = diag_sqrt_trace(model, loss_fn, (x, y), matvecs=200)
-        float(r), r.info["trace"]
+        float(r), r.info["interval"], r.info["trace"]
     """
     with _measuring(model):
         op = HessianOperator(model, loss_fn, batches, params=params, backend=backend)
         est = _diagonal(op, matvecs, exact, make_generator(seed))
-
-    def f(d: Tensor) -> Tensor:
-        return d.clamp_min(0).sqrt().sum(-1)
-
-    value = float(f(est.value))
-    stderr = None
-    if not exact:
-        gm = est.group_means
-        g = gm.shape[0]
-        loo = (gm.sum(0, keepdim=True) - gm) / (g - 1)  # leave-one-group-out diagonals
-        jack = f(loo)
-        stderr = float(((g - 1) / g * (jack - jack.mean()).pow(2).sum()).sqrt())
-    return Estimate(value, stderr, est.matvecs, {"trace": float(est.value.sum())})
+    value, stderr, info = sqrt_sum(est)
+    return Estimate(value, stderr, est.matvecs, {"trace": float(est.value.sum()), **info})
 
 
 def spectral_density(
