@@ -17,7 +17,8 @@ Recognized forms:
   BERT/RoBERTa, the ``dense`` layer of a sibling ``*SelfOutput`` module. Fewer key/value heads than query
   heads (grouped-query attention) are read from the projections' sizes;
 * a fused ``qkv`` ``nn.Linear`` laid out ``[q; k; v]``, head-major in each (timm's ViT), with a head count
-  attribute and an output ``proj``/``out_proj``/``o_proj``/``projection`` child.
+  attribute and an output ``proj``/``out_proj``/``o_proj``/``projection`` child; a bias-free ``qkv`` with
+  ``q_bias`` / ``v_bias`` parameters beside it (BEiT, EVA) has those as the query and value biases.
 
 Where something else acts on queries and keys (rotary or relative position embeddings, query/key
 normalization, ``add_bias_kv``), the query/key pair has no GL(h) symmetry and is left out; the
@@ -273,6 +274,12 @@ def _fused(name: str, m: nn.Module) -> AttentionHeads | None:
         return None
     pre = _prefix(name)
     query, key, value = (_linear_projection(pre, "qkv", qkv, heads, dim, i * heads * dim) for i in range(3))
+    own = dict(m.named_parameters(recurse=False))
+    if qkv.bias is None:  # BEiT / EVA: a query and a value bias of their own, no key bias
+        if own.get("q_bias") is not None and own["q_bias"].shape == (heads * dim,):
+            query = Projection(f"{pre}qkv.weight", f"{pre}q_bias", heads, dim, 0, 0)
+        if own.get("v_bias") is not None and own["v_bias"].shape == (heads * dim,):
+            value = Projection(f"{pre}qkv.weight", f"{pre}v_bias", heads, dim, 2 * heads * dim, 0)
     notes = []
     broken = _qk_broken(m)
     if broken:

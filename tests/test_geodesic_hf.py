@@ -66,28 +66,34 @@ def vit(init: float = 0.3) -> ViTForImageClassification:
 class TimmAttention(nn.Module):
     """timm's ``Attention`` (ViT), reduced: one fused qkv Linear laid out [q; k; v], head-major, then ``proj``."""
 
-    def __init__(self, dim: int, num_heads: int, qk_norm: bool = False) -> None:
+    def __init__(self, dim: int, num_heads: int, qk_norm: bool = False, beit_bias: bool = False) -> None:
         super().__init__()
         self.num_heads, self.head_dim = num_heads, dim // num_heads
         self.scale = self.head_dim**-0.5
-        self.qkv = nn.Linear(dim, 3 * dim)
+        self.qkv = nn.Linear(dim, 3 * dim, bias=not beit_bias)
+        if beit_bias:  # BEiT / EVA: query and value biases, no key bias
+            self.q_bias, self.v_bias = nn.Parameter(torch.randn(dim)), nn.Parameter(torch.randn(dim))
         self.q_norm = nn.LayerNorm(self.head_dim) if qk_norm else nn.Identity()
         self.k_norm = nn.LayerNorm(self.head_dim) if qk_norm else nn.Identity()
         self.proj = nn.Linear(dim, dim)
 
     def forward(self, x):
         b, n, c = x.shape
-        q, k, v = self.qkv(x).reshape(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        bias = self.qkv.bias
+        if bias is None:
+            bias = torch.cat([self.q_bias, torch.zeros_like(self.q_bias), self.v_bias])
+        qkv = F.linear(x, self.qkv.weight, bias)
+        q, k, v = qkv.reshape(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
         q, k = self.q_norm(q), self.k_norm(k)
         attn = ((q * self.scale) @ k.transpose(-2, -1)).softmax(-1)
         return self.proj((attn @ v).transpose(1, 2).reshape(b, n, c))
 
 
 class TimmBlock(nn.Module):
-    def __init__(self, dim: int, num_heads: int, qk_norm: bool = False) -> None:
+    def __init__(self, dim: int, num_heads: int, **attn) -> None:
         super().__init__()
         self.norm1, self.norm2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
-        self.attn = TimmAttention(dim, num_heads, qk_norm)
+        self.attn = TimmAttention(dim, num_heads, **attn)
         self.mlp = nn.Sequential(nn.Linear(dim, 2 * dim), nn.GELU(), nn.Linear(2 * dim, dim))
 
     def forward(self, x):
@@ -98,11 +104,11 @@ class TimmBlock(nn.Module):
 class TimmViT(nn.Module):
     """Tokens in, classes out: embedding, ``LAYERS`` pre-norm blocks, mean pooling, linear head."""
 
-    def __init__(self, qk_norm: bool = False, d_in: int = 6, classes: int = 3) -> None:
+    def __init__(self, d_in: int = 6, classes: int = 3, **attn) -> None:
         super().__init__()
         torch.manual_seed(0)
         self.embed = nn.Linear(d_in, HIDDEN)
-        self.blocks = nn.Sequential(*(TimmBlock(HIDDEN, HEADS, qk_norm) for _ in range(LAYERS)))
+        self.blocks = nn.Sequential(*(TimmBlock(HIDDEN, HEADS, **attn) for _ in range(LAYERS)))
         self.head = nn.Linear(HIDDEN, classes)
         with torch.no_grad():  # a peaked attention, as for the HuggingFace models
             for block in self.blocks:
@@ -157,9 +163,10 @@ def random_gl(h: int, g: torch.Generator) -> torch.Tensor:
     return u @ torch.diag(torch.logspace(-1, 1, h, dtype=torch.float64)) @ v.T
 
 
-def move_head(q: nn.Linear, k: nn.Linear, v: nn.Linear, o: nn.Linear, rows: list[slice], cols: slice, g) -> None:
+def move_head(q: nn.Linear, k: nn.Linear, v: nn.Linear, o: nn.Linear, rows: list[slice], cols: slice, g):
     """One head along its GL(h) symmetry: ``W_q -> A W_q``, ``W_k -> A^-T W_k``, ``W_v -> B W_v``,
-    ``W_o -> W_o B^-1`` and the biases alike (``rows``: the head's rows of q, k, v; ``cols``: of o)."""
+    ``W_o -> W_o B^-1`` and the biases alike (``rows``: the head's rows of q, k, v; ``cols``: of o).
+    Returns ``(A, B)``."""
     h = cols.stop - cols.start
     A, B = random_gl(h, g), random_gl(h, g)
     with torch.no_grad():
@@ -168,6 +175,7 @@ def move_head(q: nn.Linear, k: nn.Linear, v: nn.Linear, o: nn.Linear, rows: list
             if lin.bias is not None:
                 lin.bias[r] = M_ @ lin.bias[r]
         o.weight[:, cols] = o.weight[:, cols] @ torch.linalg.inv(B)
+    return A, B
 
 
 def moved(kind: str, model: nn.Module) -> nn.Module:
@@ -187,11 +195,20 @@ def moved(kind: str, model: nn.Module) -> nn.Module:
             for block in out.blocks:
                 a = block.attn
                 rows = [slice(j * HIDDEN + head.start, j * HIDDEN + head.stop) for j in range(3)]
-                move_head(a.qkv, a.qkv, a.qkv, a.proj, rows, head, g)
+                A, B = move_head(a.qkv, a.qkv, a.qkv, a.proj, rows, head, g)
+                if kind == "beit":
+                    with torch.no_grad():
+                        a.q_bias[head] = A @ a.q_bias[head]
+                        a.v_bias[head] = B @ a.v_bias[head]
     return out
 
 
-SETUPS = {"bert": (bert, loss_bert), "vit": (vit, loss_vit), "fused": (TimmViT, loss_fused)}
+SETUPS = {
+    "bert": (bert, loss_bert),
+    "vit": (vit, loss_vit),
+    "fused": (TimmViT, loss_fused),
+    "beit": (lambda: TimmViT(beit_bias=True), loss_fused),  # fused qkv without bias, q_bias and v_bias beside
+}
 
 
 def bound(model: nn.Module, **kwargs) -> GeodesicGeometry:
@@ -201,7 +218,7 @@ def bound(model: nn.Module, **kwargs) -> GeodesicGeometry:
 
 
 # ---------------------------------------------------------------------------------------------- tests
-@pytest.mark.parametrize("kind", ["bert", "vit", "fused"])
+@pytest.mark.parametrize("kind", ["bert", "vit", "fused", "beit"])
 def test_heads_found_one_pair_each_per_layer_and_head(kind):
     model = SETUPS[kind][0]()
     geo = bound(model)
@@ -213,8 +230,9 @@ def test_heads_found_one_pair_each_per_layer_and_head(kind):
         "bert": "bert.encoder.layer.1.attention.output.dense.weight",  # the sibling BertSelfOutput's dense
         "vit": "vit.layers.1.attention.o_proj.weight",
         "fused": "blocks.1.attn.proj.weight",
+        "beit": "blocks.1.attn.q_bias",
     }[kind]
-    assert expected in names
+    assert expected in names and (kind != "beit" or "blocks.1.attn.v_bias" in names)
     # declaring a layer's heads by hand replaces what was found there; nothing is counted twice
     if kind == "bert":
         pre = "bert.encoder.layer.0.attention."
@@ -226,7 +244,7 @@ def test_heads_found_one_pair_each_per_layer_and_head(kind):
         assert len(declared.blocks) == 2 * LAYERS * HEADS and declared.attention[0].form == "declared"
 
 
-@pytest.mark.parametrize("kind", ["bert", "vit", "fused"])
+@pytest.mark.parametrize("kind", ["bert", "vit", "fused", "beit"])
 def test_geodesic_sharpness_invariant_under_head_symmetry_where_adaptive_is_not(kind):
     build, loss_fn = SETUPS[kind]
     model = build().double().eval()
