@@ -211,17 +211,23 @@ def _horizontal(G: Tensor, H: Tensor, xg: Tensor, xh: Tensor) -> tuple[Tensor, T
     """Remove from ``(xg, xh)`` its component along the orbit ``{(G L, -H L^T)}``, orthogonally in the metric.
 
     Solves the Sylvester equation ``K L + L K = Q G^T xg - xh^T H P`` with ``K = Q P``, ``P = G^T G``,
-    ``Q = H^T H``, by diagonalizing the symmetric ``P^1/2 Q P^1/2``.
+    ``Q = H^T H``, by diagonalizing the symmetric ``P^1/2 Q P^1/2``. Batched over leading dimensions.
     """
-    P, Q = G.T @ G, H.T @ H
+    P, Q = G.mT @ G, H.mT @ H
     ep, up = torch.linalg.eigh(P)
-    sqrt_p = (up * ep.sqrt()) @ up.T
-    inv_sqrt_p = (up / ep.sqrt()) @ up.T
+    root = ep.sqrt()[..., None, :]
+    sqrt_p = (up * root) @ up.mT
+    inv_sqrt_p = (up / root) @ up.mT
     d, u = torch.linalg.eigh(sqrt_p @ Q @ sqrt_p)
-    V, V_inv = inv_sqrt_p @ u, u.T @ sqrt_p
-    C = Q @ G.T @ xg - xh.T @ H @ P
-    L = V @ ((V_inv @ C @ V) / (d[:, None] + d[None, :])) @ V_inv
-    return xg - G @ L, xh + H @ L.T
+    V, V_inv = inv_sqrt_p @ u, u.mT @ sqrt_p
+    C = Q @ G.mT @ xg - xh.mT @ H @ P
+    L = V @ ((V_inv @ C @ V) / (d[..., :, None] + d[..., None, :])) @ V_inv
+    return xg - G @ L, xh + H @ L.mT
+
+
+def _metric_sq(P: Tensor, x: Tensor) -> Tensor:
+    """``tr(P^-1 x^T x)`` summed over a batch: the squared metric size of ``x`` at a factor with ``P = G^T G``."""
+    return (torch.linalg.solve(P, x.mT) * x.mT).sum()
 
 
 class GeodesicGeometry(AdaptiveGeometry):
@@ -323,10 +329,38 @@ class GeodesicGeometry(AdaptiveGeometry):
         named = {name: tensors[i] for name, i in index.items()}
         return b.gather(b.factors[0], named), b.gather(b.factors[1], named)
 
+    def _stacked(
+        self, blocks: list[_Block], index: dict[str, int], *lists: Sequence[Tensor]
+    ) -> list[tuple[list[_Block], list[tuple[Tensor, Tensor]]]]:
+        """The blocks grouped by factor shapes, and per group the factors of each tensor list stacked along a new
+        first dimension: one batched linear-algebra call per group instead of one per head."""
+        named = [{name: tensors[i] for name, i in index.items()} for tensors in lists]
+        groups: dict[tuple, tuple[list[_Block], list[list[tuple[Tensor, Tensor]]]]] = {}
+        for b in blocks:
+            factors = [(b.gather(b.factors[0], n), b.gather(b.factors[1], n)) for n in named]
+            key = (factors[0][0].shape, factors[0][1].shape)
+            members, per_list = groups.setdefault(key, ([], [[] for _ in lists]))
+            members.append(b)
+            for acc, f in zip(per_list, factors):
+                acc.append(f)
+        return [
+            (members, [(torch.stack([g for g, _ in acc]), torch.stack([h for _, h in acc])) for acc in per_list])
+            for members, per_list in groups.values()
+        ]
+
     def _write(self, b: _Block, index: dict[str, int], tensors: Sequence[Tensor], g: Tensor, h: Tensor) -> None:
         named = {name: tensors[i] for name, i in index.items()}
         b.scatter(b.factors[0], named, g)
         b.scatter(b.factors[1], named, h)
+
+    def _write_all(
+        self, blocks: list[_Block], index: dict[str, int], tensors: Sequence[Tensor], g: Tensor, h: Tensor
+    ) -> None:
+        """Scatter stacked factors (first dimension: ``blocks``) back into ``tensors``."""
+        named = {name: tensors[i] for name, i in index.items()}
+        for b, gb, hb in zip(blocks, g, h):
+            b.scatter(b.factors[0], named, gb)
+            b.scatter(b.factors[1], named, hb)
 
     # ------------------------------------------------------------------ metric
     def dual_sq_norm(self, params: Sequence[Tensor], grads: Sequence[Tensor]) -> Tensor:
@@ -338,13 +372,11 @@ class GeodesicGeometry(AdaptiveGeometry):
         for p, g, mask in zip(pf, grads, masks):
             tg = g * self.scale(p)
             terms.append((tg if mask is None else tg.masked_fill(mask, 0)).pow(2).sum())
-        for b in blocks:
+        for _, ((G, H), (dg, dh)) in self._stacked(blocks, index, pf, grads):
             # the metric norm of the horizontal Riemannian gradient: what ascent_ turns the gradient into
-            G, H = self._factors(b, index, pf)
-            dg, dh = self._factors(b, index, grads)
-            P, Q = G.T @ G, H.T @ H
+            P, Q = G.mT @ G, H.mT @ H
             rg, rh = _horizontal(G, H, dg @ P, dh @ Q)
-            terms.append((torch.linalg.solve(P, rg.T) * rg.T).sum() + (torch.linalg.solve(Q, rh.T) * rh.T).sum())
+            terms.append(_metric_sq(P, rg) + _metric_sq(Q, rh))
         return torch.stack(terms).sum()
 
     def sq_norm(self, params: Sequence[Tensor], steps: Sequence[Tensor]) -> Tensor:
@@ -356,23 +388,16 @@ class GeodesicGeometry(AdaptiveGeometry):
         for p, d, mask in zip(pf, steps, masks):
             u = d / self.scale(p)
             terms.append((u if mask is None else u.masked_fill(mask, 0)).pow(2).sum())
-        for b in blocks:
-            G, H = self._factors(b, index, pf)
-            xg, xh = self._factors(b, index, steps)
-            terms.append(
-                (torch.linalg.solve(G.T @ G, xg.T) * xg.T).sum() + (torch.linalg.solve(H.T @ H, xh.T) * xh.T).sum()
-            )
+        for _, ((G, H), (xg, xh)) in self._stacked(blocks, index, pf, steps):
+            terms.append(_metric_sq(G.mT @ G, xg) + _metric_sq(H.mT @ H, xh))
         return torch.stack(terms).sum()
 
     def horizontal_(self, params: Sequence[Tensor], steps: Sequence[Tensor]) -> None:
         """Project the steps of every head pair, in place, onto the horizontal space (no symmetry direction)."""
         index, blocks = self._active(params)
         with torch.no_grad():
-            for b in blocks:
-                G, H = self._factors(b, index, [p.detach() for p in params])
-                xg, xh = self._factors(b, index, steps)
-                xg, xh = _horizontal(G, H, xg, xh)
-                self._write(b, index, steps, xg, xh)
+            for group, ((G, H), (xg, xh)) in self._stacked(blocks, index, [p.detach() for p in params], steps):
+                self._write_all(group, index, steps, *_horizontal(G, H, xg, xh))
 
     def ascent_(self, params: Sequence[Tensor], grads: Sequence[Tensor], coefficient: float | Tensor) -> None:
         """``g -> coefficient * grad_R`` with the Riemannian gradient ``(g_G P, g_H Q)`` on head pairs, made
@@ -381,15 +406,13 @@ class GeodesicGeometry(AdaptiveGeometry):
         with torch.no_grad():
             pd = [p.detach() for p in params]
             riem = []
-            for b in blocks:
-                G, H = self._factors(b, index, pd)
-                dg, dh = self._factors(b, index, grads)
-                riem.append(_horizontal(G, H, dg @ (G.T @ G), dh @ (H.T @ H)))
+            for group, ((G, H), (dg, dh)) in self._stacked(blocks, index, pd, grads):
+                riem.append((group, _horizontal(G, H, dg @ (G.mT @ G), dh @ (H.mT @ H))))
             for p, g in zip(pd, grads):
                 t = self.scale(p)
                 g.mul_(t).mul_(t)
-            for b, (rg, rh) in zip(blocks, riem):
-                self._write(b, index, grads, rg, rh)
+            for group, (rg, rh) in riem:
+                self._write_all(group, index, grads, rg, rh)
             for g in grads:
                 g.mul_(coefficient)
 
@@ -408,28 +431,29 @@ class GeodesicGeometry(AdaptiveGeometry):
         out = super().sample(params, generator, "l2")
         index, blocks = self._active(params)
         pd = [p.detach() for p in params]
-        for b in blocks:
+        for b in blocks:  # Z G and Z H per block, drawn in block order, written into ``out``
             G, H = self._factors(b, index, pd)
             zg = torch.randn(G.shape[0], G.shape[0], generator=generator, dtype=G.dtype).to(G.device) @ G
             zh = torch.randn(H.shape[0], H.shape[0], generator=generator, dtype=H.dtype).to(H.device) @ H
-            self._write(b, index, out, *_horizontal(G, H, zg, zh))
+            self._write(b, index, out, zg, zh)
+        self.horizontal_(params, out)
         return out
 
     # ------------------------------------------------------------------ moving
     @staticmethod
     def _geodesic(G: Tensor, xi: Tensor) -> Tensor:
-        P_inv_xtx = torch.linalg.solve(G.T @ G, xi.T @ xi)
-        P_inv_sym = torch.linalg.solve(G.T @ G, xi.T @ G + G.T @ xi)
+        """``G + xi - Gamma(xi, xi) / 2`` (batched over leading dimensions)."""
+        P = G.mT @ G
+        P_inv_xtx = torch.linalg.solve(P, xi.mT @ xi)
+        P_inv_sym = torch.linalg.solve(P, xi.mT @ G + G.mT @ xi)
         return G + xi + 0.5 * (xi @ P_inv_sym) - 0.5 * (G @ P_inv_xtx)
 
     def retract(self, params: Sequence[Tensor], steps: Sequence[Tensor]) -> list[Tensor]:
         index, blocks = self._active(params)
         out = [p.detach() + d for p, d in zip(params, steps)]
         pd = [p.detach() for p in params]
-        for b in blocks:
-            G, H = self._factors(b, index, pd)
-            xg, xh = self._factors(b, index, steps)
-            self._write(b, index, out, self._geodesic(G, xg), self._geodesic(H, xh))
+        for group, ((G, H), (xg, xh)) in self._stacked(blocks, index, pd, steps):
+            self._write_all(group, index, out, self._geodesic(G, xg), self._geodesic(H, xh))
         return out
 
     def retract_(self, params: Sequence[Tensor], steps: Sequence[Tensor]) -> None:
