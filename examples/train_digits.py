@@ -98,7 +98,7 @@ def main(argv: list[str] | None = None) -> dict[str, list[dict[str, float]]]:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--log-dir", default="lightning_logs")
     parser.add_argument("--methods", nargs="+", default=["erm", "sam"], choices=["erm", "sam"])
-    parser.add_argument("--progress", action="store_true", help="show the progress bar")
+    parser.add_argument("--progress", action="store_true", help="show Lightning's progress bar inside each run")
     parser.add_argument("--no-monitor", dest="monitor", action="store_false", help="train without SharpnessMonitor")
     parser.add_argument(
         "--measure-every",
@@ -109,7 +109,15 @@ def main(argv: list[str] | None = None) -> dict[str, list[dict[str, float]]]:
     )
     args = parser.parse_args(argv)
 
-    results = {method: [train(method, seed, args) for seed in args.seeds] for method in args.methods}
+    runs = [(method, seed) for method in args.methods for seed in args.seeds]
+    results: dict[str, list[dict[str, float]]] = {method: [] for method in args.methods}
+    for i, (method, seed) in enumerate(runs, 1):
+        # one line per run; with the progress bar the bar gets the rest of the line
+        end = "\n" if args.progress else " "
+        print(f"[{i}/{len(runs)}] {method} seed {seed}: training {args.epochs} epochs ...", end=end, flush=True)
+        run = train(method, seed, args)
+        print(f"test acc {run['test_acc']:.4f}, {run['seconds']:.1f} s", flush=True)
+        results[method].append(run)
     print(f"\nTest set of digits, {args.label_noise:.0%} training label noise, seeds {args.seeds}:")
     print(
         f"{'method':<8}{'test acc (mean +- std)':>24}{'test loss':>11}{'top eig':>9}{'tr(H)':>9}"

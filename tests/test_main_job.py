@@ -42,4 +42,6 @@ def test_main_job_trains_both_methods_and_logs_its_curves(tmp_path, capsys, moni
         if method == "sam":
             assert "sam/sharpness_gap" in tags["scalars"]
     summary = capsys.readouterr().out
+    assert "[1/2] erm seed 0: training 1 epochs ... test acc" in summary  # progress, one line per run
+    assert "[2/2] sam seed 0: training 1 epochs ... test acc" in summary
     assert "erm" in summary and "sam" in summary and "tensorboard --logdir" in summary

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -11,11 +12,19 @@ from tests import reference
 from tests.helpers import Classifier, assert_same_weights, classification_data, clone, loader, mlp, trainer
 
 
-def test_geodesic_sam_without_attention_is_asam():
+def test_geodesic_sam_without_attention_fails_before_training():
+    module = Classifier(mlp())
+    with pytest.raises(ValueError, match="found no attention heads"):
+        trainer(max_steps=4, callbacks=[SAM(rho=0.5, geometry="geodesic")]).fit(module, loader(*classification_data()))
+    assert module.calls == []
+
+
+def test_geodesic_sam_without_attention_is_asam_when_heads_are_optional():
     x, y = classification_data()
     net = mlp()
     ref_net = clone(net)
-    trainer(max_steps=4, callbacks=[SAM(rho=0.5, geometry="geodesic")]).fit(Classifier(net), loader(x, y))
+    geometry = GeodesicGeometry(require_heads=False)
+    trainer(max_steps=4, callbacks=[SAM(rho=0.5, geometry=geometry)]).fit(Classifier(net), loader(x, y))
     opt = torch.optim.SGD(ref_net.parameters(), lr=0.1, momentum=0.9)
     for i in range(4):
         reference.sam_step(ref_net, opt, x[i * 16 : (i + 1) * 16], y[i * 16 : (i + 1) * 16], rho=0.5, eta=0.01)

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import signal
 
-import lightning.pytorch as pl
 import pytest
 import torch
 import torch.nn.functional as F
@@ -365,7 +364,9 @@ def test_m_chunks_cut_per_example_lists_with_the_tensors():
 
 def test_m_chunks_refuse_a_field_of_the_wrong_length_naming_it():
     with pytest.raises(ValueError, match=r"batch\['name'\] has 4 entries while batch\['x'\] has 10"):
-        trainer(max_steps=1, callbacks=[SAM(rho=0.05, m=3)]).fit(WithMetadata(mlp(), check=False), metadata_loader(names=4))
+        trainer(max_steps=1, callbacks=[SAM(rho=0.05, m=3)]).fit(
+            WithMetadata(mlp(), check=False), metadata_loader(names=4)
+        )
 
 
 # ------------------------------------------------------------------------------------------------ bullets
@@ -487,3 +488,30 @@ def test_rho_schedule_counts_from_the_first_sam_step_with_start_epoch():
     trainer(max_epochs=3, callbacks=[sam, RhoSpy()]).fit(Classifier(mlp()), loader(x, y))
     assert rhos[:4] == [None] * 4
     assert rhos[4:] == pytest.approx([0.0, 0.025, 0.05, 0.075, 0.1, 0.1, 0.1, 0.1])
+
+
+class ManualNaNOnce(ManualDefault):
+    """The loss at w + e is NaN on the first step: that step is skipped and counted."""
+
+    def training_step(self, batch, batch_idx):
+        passes = []
+
+        def loss_fn(b):
+            passes.append(1)
+            loss = F.cross_entropy(self.net(b[0]), b[1])
+            return loss * float("nan") if self.global_step == 0 and len(passes) == 2 else loss
+
+        self.sam_step(self.optimizers(), loss_fn, batch)
+
+
+def test_mixin_skipped_steps_are_saved_in_checkpoints(tmp_path):
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    x, y = classification_data()
+    module = ManualNaNOnce(mlp())
+    ckpt = ModelCheckpoint(dirpath=tmp_path, save_last=True)
+    trainer(max_steps=2, callbacks=[ckpt], enable_checkpointing=True).fit(module, loader(x, y))
+    assert module._sam_skipped_steps == 1
+    resumed = ManualDefault(mlp())
+    trainer(max_steps=3).fit(resumed, loader(x, y), ckpt_path=str(tmp_path / "last.ckpt"))
+    assert resumed._sam_skipped_steps == 1

@@ -22,7 +22,6 @@ from contextlib import ExitStack
 from typing import Any
 
 import lightning.pytorch as pl
-import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.strategies import FSDPStrategy, ParallelStrategy
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
@@ -37,10 +36,10 @@ from lightning_sharpness.sam.engine import (
     SAMStepStats,
     _add,
     accumulate_sam_gradient,
-    all_finite,
     loss_scale,
 )
 from lightning_sharpness.sam.rng import RNGState
+from lightning_sharpness.sam.stepping import diagnostics, refuse_closure_optimizer, skip_if_not_finite
 from lightning_sharpness.selection import ParameterFilter
 
 __all__ = ["ASAM", "SAM", "USAM"]
@@ -161,12 +160,10 @@ class SAM(Callback):
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         for optimizer in trainer.optimizers:
-            if isinstance(optimizer, torch.optim.LBFGS):
-                raise ValueError(
-                    "The SAM callback cannot wrap torch.optim.LBFGS: it re-evaluates the loss through a closure of "
-                    "its own, so the perturbed gradient would be replaced. Use a first-order optimizer."
-                )
+            refuse_closure_optimizer(optimizer, "The SAM callback")
         self.engine.check_filter(pl_module)
+        # Bind now, so that what binding checks (attention heads for the geodesic geometry) fails before step 0.
+        self.engine.follow(pl_module, trainer.optimizers[0])
         self._step_takes_batch_idx = is_param_in_hook_signature(pl_module.training_step, "batch_idx", min_args=2)
         if isinstance(trainer.strategy, FSDPStrategy) and self.engine.mode == "local":
             rank_zero_warn(
@@ -301,35 +298,24 @@ class SAM(Callback):
         if not self._active:
             self._micro_count = 0
             return
-        grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
-        if not all_finite(grads):
+        if skip_if_not_finite(optimizer, trainer.precision_plugin):
             self.skipped_steps += 1
-            if getattr(trainer.precision_plugin, "scaler", None) is None:
-                # No scaler to skip the step for us: without gradients the optimizer leaves every weight alone.
-                optimizer.zero_grad(set_to_none=True)
         # Like LearningRateMonitor: build the metrics only on steps the loggers write (log_dict is not free);
         # the progress bar, when asked for, shows the sharpness gap at every step.
-        if self.log_diagnostics:
-            self._log(pl_module, to_loggers=trainer._logger_connector.should_update_logs)
+        to_loggers = trainer._logger_connector.should_update_logs
+        if self.log_diagnostics and (to_loggers or self.prog_bar):
+            self._log(pl_module, to_loggers)
         self._micro_count = 0
 
     def _log(self, pl_module: pl.LightningModule, to_loggers: bool) -> None:
-        stats = self._stats
-        gap = None
-        if stats.perturbed_loss is not None and stats.loss is not None:
-            gap = (stats.perturbed_loss - stats.loss).float()
-            if self.prog_bar:
-                pl_module.log("sam/sharpness_gap", gap, on_step=True, on_epoch=False, prog_bar=True)
-        if not to_loggers:
-            return
-        metrics: dict[str, Any] = {"sam/rho": stats.rho, "sam/skipped_steps": float(self.skipped_steps)}
-        if stats.grad_norm is not None:
-            metrics["sam/grad_norm"] = stats.grad_norm.detach().float()
-        if gap is not None:
-            metrics["sam/perturbed_loss"] = stats.perturbed_loss.float()
-            if not self.prog_bar:
-                metrics["sam/sharpness_gap"] = gap
-        pl_module.log_dict(metrics, on_step=True, on_epoch=False)
+        metrics = diagnostics(self._stats, self.skipped_steps)
+        gap = metrics.pop("sam/sharpness_gap", None)
+        if gap is not None and self.prog_bar:
+            pl_module.log("sam/sharpness_gap", gap, on_step=True, on_epoch=False, prog_bar=True)
+        elif gap is not None:
+            metrics["sam/sharpness_gap"] = gap
+        if to_loggers:
+            pl_module.log_dict(metrics, on_step=True, on_epoch=False)
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
         self._sync_blocker.close()  # in case training_step returned None and no backward ran

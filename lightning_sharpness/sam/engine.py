@@ -9,7 +9,7 @@ adaptive, geodesic), a parameter filter (all, SAM-ON, a mask), a radius schedule
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Any, Union

@@ -11,13 +11,13 @@ from collections.abc import Callable
 from contextlib import ExitStack
 from typing import Any
 
-import torch
 from lightning.pytorch.core.optimizer import LightningOptimizer
 from lightning.pytorch.strategies import ParallelStrategy
 from torch import Tensor
 
 from lightning_sharpness._lightning import quiet
-from lightning_sharpness.sam.engine import SAMEngine, accumulate_sam_gradient, all_finite, loss_scale
+from lightning_sharpness.sam.engine import SAMEngine, accumulate_sam_gradient, loss_scale
+from lightning_sharpness.sam.stepping import diagnostics, refuse_closure_optimizer, skip_if_not_finite
 
 __all__ = ["SAMMixin"]
 
@@ -89,36 +89,30 @@ class SAMMixin:
                 # what the loss function logs or counts in metrics at w + e must not reach the user's logs
                 perturbed_pass_context=lambda: quiet(self),
             )
-        grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
-        finite = all_finite(grads)
-        if not finite:
+        if skip_if_not_finite(optimizer, trainer.precision_plugin):
             self._sam_skipped_steps = getattr(self, "_sam_skipped_steps", 0) + 1
-            if getattr(trainer.precision_plugin, "scaler", None) is None:
-                optimizer.zero_grad(set_to_none=True)  # no scaler to skip for us: step without gradients
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         if log_prefix is not None and trainer._logger_connector.should_update_logs:
-            metrics = {
-                f"{log_prefix}rho": rho,
-                f"{log_prefix}perturbed_loss": stats.perturbed_loss.float(),
-                f"{log_prefix}sharpness_gap": (stats.perturbed_loss - stats.loss).float(),
-                f"{log_prefix}skipped_steps": float(getattr(self, "_sam_skipped_steps", 0)),
-            }
-            if stats.grad_norm is not None:
-                metrics[f"{log_prefix}grad_norm"] = stats.grad_norm.float()
+            metrics = diagnostics(stats, getattr(self, "_sam_skipped_steps", 0), log_prefix)
             self.log_dict(metrics, on_step=True, on_epoch=False)
         return stats.loss
+
+    # ---------------------------------------------------------------- checkpointing, like the callback's state
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["sam_mixin"] = {"skipped_steps": getattr(self, "_sam_skipped_steps", 0)}
+        super().on_save_checkpoint(checkpoint)
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self._sam_skipped_steps = checkpoint.get("sam_mixin", {}).get("skipped_steps", 0)
+        super().on_load_checkpoint(checkpoint)
 
     def _sam_engine_for(self, optimizer: LightningOptimizer, sam: SAMEngine | None) -> SAMEngine:
         """The engine that steps ``optimizer``: one per optimizer, held by the module (weakly keyed by the
         optimizer, so a finished fit's optimizers free theirs), re-made only when a different configuration
         is passed, and re-bound whenever the optimizer's trainable parameters change."""
         inner = optimizer.optimizer if isinstance(optimizer, LightningOptimizer) else optimizer
-        if isinstance(inner, torch.optim.LBFGS):
-            raise ValueError(
-                "`sam_step` cannot drive torch.optim.LBFGS: it re-evaluates the loss through a closure of its own, "
-                "so the perturbed gradient would be replaced. Use a first-order optimizer."
-            )
+        refuse_closure_optimizer(inner, "`sam_step`")
         template = sam if sam is not None else getattr(self, "sam", None)
         if template is not None and not isinstance(template, SAMEngine):
             raise ValueError(f"`sam` must be a `SAMEngine`, got {type(template).__name__}.")
