@@ -119,3 +119,16 @@ def assert_same_weights(a: nn.Module, b: nn.Module, atol: float = 1e-6) -> None:
         assert torch.allclose(x.float(), y.float(), atol=atol, rtol=0), (
             f"{name}: max diff {(x.float() - y.float()).abs().max()}"
         )
+
+
+def double_backward_hessian(model: nn.Module, loss_fn, batch) -> torch.Tensor:
+    """Ground truth for the measures: the dense Hessian of ``loss_fn(model, batch)`` w.r.t. the model's trainable
+    parameters (``named_parameters()`` order, tied ones once) by double backward through the model itself, as
+    it is called (tied weights and shared submodules enter every use). Use float64 models for tight checks."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    with torch.enable_grad():
+        grads = torch.autograd.grad(loss_fn(model, batch), params, create_graph=True)
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        eye = torch.eye(flat.numel(), dtype=flat.dtype, device=flat.device)
+        rows = torch.autograd.grad(flat, params, eye, is_grads_batched=True, allow_unused=True, materialize_grads=True)
+    return torch.cat([r.reshape(flat.numel(), -1) for r in rows], dim=1).detach()

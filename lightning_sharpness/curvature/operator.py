@@ -38,7 +38,11 @@ _CHOICES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> {(
 
 
 def select_named_parameters(model: nn.Module, params: ParamSelection = None) -> list[tuple[str, Tensor]]:
-    """The trainable parameters of ``model`` chosen by ``params``: ``None`` (all), names, or a predicate."""
+    """The trainable parameters of ``model`` chosen by ``params``: ``None`` (all), names, or a predicate.
+
+    A parameter used under several names (tied weights, ``self.b.weight = self.a.weight``, or a submodule
+    registered twice) is one parameter: it appears once, under the first name ``named_parameters()`` gives it.
+    A list of names may use any of its names; a predicate is asked about that first name, as SAM's ``perturb=``."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"`model` must be a torch.nn.Module, got {type(model).__name__}.")
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
@@ -49,11 +53,13 @@ def select_named_parameters(model: nn.Module, params: ParamSelection = None) -> 
     if callable(params):
         chosen = [(n, p) for n, p in named if params(n, p)]
     elif isinstance(params, Sequence) and not isinstance(params, str):
+        first_name = {id(p): n for n, p in model.named_parameters()}
+        alias = {n: first_name[id(p)] for n, p in model.named_parameters(remove_duplicate=False)}
         known = {n for n, _ in named}
-        unknown = [n for n in params if n not in known]
+        unknown = [n for n in params if alias.get(n) not in known]
         if unknown:
             raise ValueError(f"`params` names unknown or frozen parameters {unknown}; trainable: {sorted(known)}.")
-        wanted = set(params)
+        wanted = {alias[n] for n in params}
         chosen = [(n, p) for n, p in named if n in wanted]
     else:
         raise TypeError(f"`params` must be None, a list of parameter names or a predicate, got {params!r}.")
@@ -93,6 +99,32 @@ class _AffineBatchNorm(TorchFunctionMode):
         if func is F.batch_norm:
             return _eval_batch_norm(*args, **(kwargs or {}))
         return func(*args, **(kwargs or {}))
+
+
+def _tied_aliases(model: nn.Module, prefix: str = "model.") -> dict[str, list[str]]:
+    """First name -> other names of each parameter or buffer that ``model`` holds on more than one submodule
+    (tied weights: ``self.b.weight = self.a.weight``); the swap in :meth:`HessianOperator.loss_at` must replace
+    all of them, or the other uses keep the original tensor, a constant.
+
+    A submodule registered under two names is one object: one swap reaches all its uses. Its second names are
+    left out, because swapping the same attribute twice restores it wrongly (``functional_call(...,
+    tie_weights=True)`` leaves the substitute tensor in such a model, torch 2.13)."""
+    first: dict[int, str] = {}
+    slots: dict[int, set[tuple[int, str]]] = {}
+    aliases: dict[str, list[str]] = {}
+    named = [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]
+    for name, tensor in named:
+        owner, _, attr = name.rpartition(".")
+        slot = (id(model.get_submodule(owner)), attr)
+        seen = slots.setdefault(id(tensor), set())
+        if slot in seen:
+            continue  # the same attribute of the same module, reached through another path
+        seen.add(slot)
+        if id(tensor) in first:
+            aliases.setdefault(prefix + first[id(tensor)], []).append(prefix + name)
+        else:
+            first[id(tensor)] = name
+    return aliases
 
 
 class _LossModule(nn.Module):
@@ -162,6 +194,7 @@ class HessianOperator:
         chosen = set(self.names)
         self._frozen = {f"model.{n}": p.detach() for n, p in model.named_parameters() if n not in chosen}
         self._frozen.update({f"model.{n}": b for n, b in model.named_buffers()})
+        self._aliases = _tied_aliases(model)
         self.matvecs = 0  # number of Hessian-vector products computed so far
         self.graph_memory = graph_memory
         self.affine_batchnorm = bool(affine_batchnorm)
@@ -184,9 +217,12 @@ class HessianOperator:
 
     # ------------------------------------------------------------------ the function
     def loss_at(self, params: Sequence[Tensor], batch: Any) -> Tensor:
-        """The loss of one batch with the chosen parameters replaced by ``params``."""
+        """The loss of one batch with the chosen parameters replaced by ``params`` (under every name of a tied
+        one, so that each use sees them)."""
         mapping = dict(self._frozen)
         mapping.update({f"model.{n}": p for n, p in zip(self.names, params)})
+        for name, others in self._aliases.items():
+            mapping.update(dict.fromkeys(others, mapping[name]))
         if not self.affine_batchnorm:
             return torch.func.functional_call(self._module, mapping, (batch,), strict=False, tie_weights=False)
         with _AffineBatchNorm():
