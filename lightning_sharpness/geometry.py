@@ -13,7 +13,7 @@ budget is ``||u|| <= rho``; the steepest ascent direction under that budget for 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
@@ -69,6 +69,40 @@ class Geometry:
                 g.mul_(t).mul_(t)
             g.mul_(coefficient)
 
+    def normalized_step_(
+        self,
+        params: Sequence[Tensor],
+        grads: Sequence[Tensor],
+        rho: float,
+        normalize: bool = True,
+        eps: float = 1e-12,
+        grad_divisor: float = 1.0,
+        reduce_sq_norm: Callable[[Tensor], Tensor] | None = None,
+    ) -> Tensor | None:
+        """SAM's step of radius ``rho``: turn ``grads`` (holding ``grad_divisor * g``, e.g. a GradScaler's scale)
+        in place into ``e = rho T^2 g / (||T g|| + eps)`` (``normalize=False``: ``rho T^2 g``) and return
+        ``||T g||``; return ``None`` and leave ``grads`` untouched when that norm is not finite.
+
+        ``reduce_sq_norm`` sums the squared norm over processes when the parameters are sharded (FSDP). SAM's
+        ascent and the worst-case measure's normalized steps both come here.
+
+        Example::
+
+            >>> w, g = torch.zeros(2), torch.tensor([3.0, 4.0])
+            >>> Geometry().normalized_step_([w], [g], rho=0.5, eps=0.0), g
+            (tensor(5.), tensor([0.3000, 0.4000]))
+        """
+        sq_norm = self.dual_sq_norm(params, grads)
+        if reduce_sq_norm is not None:
+            sq_norm = reduce_sq_norm(sq_norm)
+        grad_norm = sq_norm.sqrt() / grad_divisor
+        if not bool(torch.isfinite(grad_norm)):
+            return None
+        coefficient = (rho / (grad_norm + eps) if normalize else rho) / grad_divisor
+        with torch.no_grad():
+            self.ascent_(params, grads, coefficient)
+        return grad_norm
+
     def retract_(self, params: Sequence[Tensor], steps: Sequence[Tensor]) -> None:
         """Move the weights along the steps, in place: ``w <- w + delta`` (a geodesic step for curved ones)."""
         torch._foreach_add_(list(params), list(steps))
@@ -90,14 +124,6 @@ class Geometry:
             t = self.scale(p)
             terms.append((d if t is None else d / t).detach().double().pow(2).sum().cpu())
         return torch.stack(terms).sum()
-
-    def linf_norm(self, params: Sequence[Tensor], steps: Sequence[Tensor]) -> Tensor:
-        """``max |delta / T|`` over all elements (0-dim fp32)."""
-        terms = [torch.zeros(())]
-        for p, d in zip(params, steps):
-            t = self.scale(p)
-            terms.append((d if t is None else d / t).detach().float().abs().max())
-        return torch.stack(terms).max()
 
     def linf_ascent_(self, params: Sequence[Tensor], grads: Sequence[Tensor], coefficient: float | Tensor) -> None:
         """Turn the gradients, in place, into the l-inf steepest ascent step ``coefficient * T * sign(g)``."""

@@ -98,14 +98,14 @@ def test_non_finite_perturbed_gradient_skips_the_step_and_counts_it():
         (dict(rho=-0.1), "`rho` must be a finite number >= 0"),
         (dict(rho=float("nan")), "`rho` must be a finite number >= 0"),
         (dict(rho=float("inf")), "`rho` must be a finite number >= 0"),
-        (dict(m=0), "`m` must be a positive integer"),
-        (dict(m=2.5), "`m` must be a positive integer"),
+        (dict(m=0), "`m` must be an int >= 1"),
+        (dict(m=2.5), "`m` must be an int >= 1"),
         (dict(geometry="hyperbolic"), "`geometry` must be one of"),
         (dict(perturb="convs"), "`perturb` must be one of"),
         (dict(mode="global", m=4), "cannot be combined with m-sharpness"),
         (dict(mode="sometimes"), "`mode` must be one of"),
         (dict(bn_update="never"), "`bn_update` must be one of"),
-        (dict(start_step=-1), "`start_step` must be an integer >= 0"),
+        (dict(start_step=-1), "`start_step` must be an int >= 0"),
     ],
 )
 def test_bad_configuration_fails_at_construction(kwargs, message):

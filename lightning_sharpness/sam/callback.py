@@ -31,6 +31,8 @@ from torch import Tensor
 from lightning_sharpness._lightning import quiet
 from lightning_sharpness.geometry import AdaptiveGeometry, Geometry
 from lightning_sharpness.sam.engine import (
+    BNUpdate,
+    Mode,
     RhoLike,
     SAMEngine,
     SAMStepStats,
@@ -41,6 +43,7 @@ from lightning_sharpness.sam.engine import (
 from lightning_sharpness.sam.rng import RNGState
 from lightning_sharpness.sam.stepping import diagnostics, refuse_closure_optimizer, skip_if_not_finite
 from lightning_sharpness.selection import ParameterFilter
+from lightning_sharpness.validation import check_flag, check_int
 
 __all__ = ["ASAM", "SAM", "USAM"]
 
@@ -94,19 +97,17 @@ class SAM(Callback):
         perturb: ParameterFilter = "all",
         start_step: int = 0,
         start_epoch: int = 0,
-        mode: str = "local",
-        bn_update: str = "first",
+        mode: Mode = "local",
+        bn_update: BNUpdate = "first",
         same_dropout: bool = False,
         eps: float = 1e-12,
         log_diagnostics: bool = True,
         prog_bar: bool = False,
     ) -> None:
-        for name, value in (("start_step", start_step), ("start_epoch", start_epoch)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise ValueError(f"`{name}` must be an integer >= 0, got {value!r}.")
-        for name, flag in (("log_diagnostics", log_diagnostics), ("prog_bar", prog_bar)):
-            if not isinstance(flag, bool):
-                raise ValueError(f"`{name}` must be True or False, got {flag!r}.")
+        check_int(start_step, "start_step", least=0)
+        check_int(start_epoch, "start_epoch", least=0)
+        check_flag(log_diagnostics, "log_diagnostics")
+        check_flag(prog_bar, "prog_bar")
         self.engine = SAMEngine(
             rho=rho,
             geometry=geometry,

@@ -8,11 +8,10 @@ adaptive, geodesic), a parameter filter (all, SAM-ON, a mask), a radius schedule
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
-from typing import Any, Union
+from typing import Any, Literal, Union, get_args
 
 import torch
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
@@ -21,8 +20,9 @@ from torch import Tensor, nn
 from lightning_sharpness.batching import count_examples, split_examples
 from lightning_sharpness.geometry import Geometry, resolve_geometry
 from lightning_sharpness.sam.rng import RNGState
-from lightning_sharpness.sam.schedules import RhoSchedule, validate_rho
+from lightning_sharpness.sam.schedules import RhoSchedule
 from lightning_sharpness.selection import ParameterFilter, select_parameters, validate_filter
+from lightning_sharpness.validation import check_choice, check_flag, check_int, check_number, check_rho
 
 __all__ = ["SAMEngine", "SAMStepStats", "accumulate_sam_gradient", "split_batch"]
 
@@ -30,8 +30,8 @@ __all__ = ["SAMEngine", "SAMStepStats", "accumulate_sam_gradient", "split_batch"
 split_batch = split_examples
 
 RhoLike = Union[float, RhoSchedule]
-_BN_UPDATES = ("first", "both")
-_MODES = ("local", "global")
+BNUpdate = Literal["first", "both"]
+Mode = Literal["local", "global"]
 
 
 @dataclass
@@ -78,29 +78,25 @@ class SAMEngine:
         normalize: bool = True,
         m: int | None = None,
         perturb: ParameterFilter = "all",
-        bn_update: str = "first",
-        mode: str = "local",
+        bn_update: BNUpdate = "first",
+        mode: Mode = "local",
         eps: float = 1e-12,
         same_dropout: bool = False,
     ) -> None:
         if not isinstance(rho, RhoSchedule):
-            rho = validate_rho(rho)
-        if m is not None and (isinstance(m, bool) or not isinstance(m, int) or m < 1):
-            raise ValueError(f"`m` must be a positive integer or None, got {m!r}.")
-        if bn_update not in _BN_UPDATES:
-            raise ValueError(f"`bn_update` must be one of {list(_BN_UPDATES)}, got {bn_update!r}.")
-        if mode not in _MODES:
-            raise ValueError(f"`mode` must be one of {list(_MODES)}, got {mode!r}.")
+            rho = check_rho(rho)
+        if m is not None:
+            check_int(m, "m")
+        check_choice(bn_update, "bn_update", get_args(BNUpdate))
+        check_choice(mode, "mode", get_args(Mode))
         if mode == "global" and m is not None:
             raise ValueError(
                 "`mode='global'` perturbs with the gradient of the whole effective batch and cannot be combined "
                 f"with m-sharpness (`m={m}`); use `mode='local'` with `m`, or drop `m`."
             )
-        for name, flag in (("normalize", normalize), ("same_dropout", same_dropout)):
-            if not isinstance(flag, bool):
-                raise ValueError(f"`{name}` must be True or False, got {flag!r}.")
-        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not math.isfinite(eps) or eps < 0:
-            raise ValueError(f"`eps` must be a finite number >= 0, got {eps!r}.")
+        check_flag(normalize, "normalize")
+        check_flag(same_dropout, "same_dropout")
+        check_number(eps, "eps", minimum=0)
         self.rho = rho
         self.geometry = resolve_geometry(geometry)
         self.normalize = normalize
@@ -153,15 +149,10 @@ class SAMEngine:
         self._trainable = stepped if grads_of == "optimizer" else [p for p in module.parameters() if p.requires_grad]
         self._norm_layers = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._NormBase)]
 
-    @property
-    def perturbed_parameters(self) -> list[nn.Parameter]:
-        """The parameters the last :meth:`follow` chose to perturb."""
-        return list(self._params)
-
     def rho_at(self, step: int) -> float:
         """The radius at ``step``, counted from the first step SAM runs (0 at that step)."""
         rho = self.rho(step) if isinstance(self.rho, RhoSchedule) else self.rho
-        return validate_rho(rho, f"rho (schedule value at step {step})")
+        return check_rho(rho, f"rho (schedule value at step {step})")
 
     # ---------------------------------------------------------------- the move and its undo
     def perturb(
@@ -176,16 +167,13 @@ class SAMEngine:
         """
         params = [p for p in self._params if p.grad is not None]
         grads = [p.grad for p in params]
-        sq_norm = self.geometry.dual_sq_norm(params, grads)
-        if reduce_sq_norm is not None:
-            sq_norm = reduce_sq_norm(sq_norm)
-        grad_norm = sq_norm.sqrt() / grad_divisor
-        if not bool(torch.isfinite(grad_norm)):
+        grad_norm = self.geometry.normalized_step_(
+            params, grads, rho, self.normalize, self.eps, grad_divisor=grad_divisor, reduce_sq_norm=reduce_sq_norm
+        )
+        if grad_norm is None:
             return None
-        coefficient = (rho / (grad_norm + self.eps) if self.normalize else rho) / grad_divisor
         with torch.no_grad():
             self._saved = [p.detach().clone() for p in params]
-            self.geometry.ascent_(params, grads, coefficient)
             self.geometry.retract_(params, grads)
         for p in self._trainable:
             p.grad = None

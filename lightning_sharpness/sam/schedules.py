@@ -4,14 +4,12 @@ from __future__ import annotations
 
 import math
 
+from lightning_sharpness.validation import check_int, check_rho
+
 __all__ = ["ConstantRho", "CosineRho", "LinearRho", "RhoSchedule", "StepRho", "validate_rho"]
 
-
-def validate_rho(value: float, argument: str = "rho") -> float:
-    """Return ``value`` as a float, or raise if it is negative, not finite or not a number."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
-        raise ValueError(f"`{argument}` must be a finite number >= 0, got {value!r}.")
-    return float(value)
+#: The radius check, under the name this module exported first.
+validate_rho = check_rho
 
 
 class RhoSchedule:
@@ -44,9 +42,7 @@ class LinearRho(RhoSchedule):
     def __init__(self, start: float = 0.0, end: float = 0.05, steps: int = 1000) -> None:
         self.start = validate_rho(start, "start")
         self.end = validate_rho(end, "end")
-        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-            raise ValueError(f"`steps` must be a positive integer, got {steps!r}.")
-        self.steps = steps
+        self.steps = check_int(steps, "steps")
 
     def __call__(self, step: int) -> float:
         frac = min(max(step, 0), self.steps) / self.steps
