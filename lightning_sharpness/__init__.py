@@ -2,7 +2,8 @@
 
 from lightning_sharpness import measures
 from lightning_sharpness.curvature import DenseOperator, HessianOperator
-from lightning_sharpness.geometry import AdaptiveGeometry, GeodesicGeometry, Geometry, StandardGeometry
+from lightning_sharpness.geodesic import GeodesicGeometry
+from lightning_sharpness.geometry import AdaptiveGeometry, Geometry, StandardGeometry
 from lightning_sharpness.monitor import SharpnessMonitor, available_measures
 from lightning_sharpness.sam import (
     ASAM,
