@@ -19,9 +19,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from digits import DigitsClassifier, DigitsDataModule  # noqa: E402
 
-from lightning_sharpness import SAM, SharpnessMonitor, measures  # noqa: E402
-from lightning_sharpness.landscape import log_density  # noqa: E402
-from lightning_sharpness.monitor import DEFAULT_MEASURES  # noqa: E402
+from lightning_sharpness import DEFAULT_MEASURES, SAM, SharpnessMonitor, log_density, measures  # noqa: E402
 
 
 def train(method: str, seed: int, args: argparse.Namespace) -> dict[str, float]:

@@ -4,7 +4,8 @@ from lightning_sharpness import measures
 from lightning_sharpness.curvature import DenseOperator, HessianOperator
 from lightning_sharpness.geodesic import GeodesicGeometry
 from lightning_sharpness.geometry import AdaptiveGeometry, Geometry, StandardGeometry
-from lightning_sharpness.monitor import SharpnessMonitor, available_measures
+from lightning_sharpness.monitor import DEFAULT_MEASURES, SharpnessMonitor, available_measures
+from lightning_sharpness.plotting import log_density
 from lightning_sharpness.sam import (
     ASAM,
     SAM,
@@ -25,6 +26,8 @@ __all__ = [
     "SAM",
     "SharpnessMonitor",
     "available_measures",
+    "DEFAULT_MEASURES",
+    "log_density",
     "ASAM",
     "USAM",
     "SAMEngine",
