@@ -101,7 +101,7 @@ def test_non_finite_perturbed_gradient_skips_the_step_and_counts_it():
         (dict(m=0), "`m` must be an int >= 1"),
         (dict(m=2.5), "`m` must be an int >= 1"),
         (dict(geometry="hyperbolic"), "`geometry` must be one of"),
-        (dict(perturb="convs"), "`perturb` must be one of"),
+        (dict(perturb="convs"), "`perturb` must be None or .all., .norm., a list of parameter names or a callable"),
         (dict(mode="global", m=4), "cannot be combined with m-sharpness"),
         (dict(mode="sometimes"), "`mode` must be one of"),
         (dict(bn_update="never"), "`bn_update` must be one of"),

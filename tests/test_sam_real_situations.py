@@ -515,3 +515,15 @@ def test_mixin_skipped_steps_are_saved_in_checkpoints(tmp_path):
     resumed = ManualDefault(mlp())
     trainer(max_steps=3).fit(resumed, loader(x, y), ckpt_path=str(tmp_path / "last.ckpt"))
     assert resumed._sam_skipped_steps == 1
+
+
+def test_perturb_speaks_the_measures_vocabulary_of_parameter_names():
+    x, y = classification_data()
+    by_name, by_predicate = Classifier(mlp()), Classifier(mlp())
+    trainer(max_steps=3, callbacks=[SAM(rho=0.1, perturb=["net.0.weight", "net.4.bias"])]).fit(by_name, loader(x, y))
+    keep = {"net.0.weight", "net.4.bias"}
+    trainer(max_steps=3, callbacks=[SAM(rho=0.1, perturb=lambda n, p: n in keep)]).fit(by_predicate, loader(x, y))
+    for a, b in zip(by_name.state_dict().values(), by_predicate.state_dict().values()):
+        assert torch.equal(a, b)
+    with pytest.raises(ValueError, match=r"`perturb` names unknown parameters \['net.9.weight'\]"):
+        trainer(max_steps=1, callbacks=[SAM(perturb=["net.9.weight"])]).fit(Classifier(mlp()), loader(x, y))
