@@ -217,7 +217,9 @@ def test_lanczos_start_vector():
     cold = lanczos_eigs(op, k=1, tol=1e-6)
     assert float(res.eigenvalues[0]) == pytest.approx(4.0, abs=1e-9)
     assert float(cold.eigenvalues[0]) == pytest.approx(4.0, abs=1e-9)
-    assert res.matvecs < cold.matvecs
+    # ``v0`` is added to the random start; a warm start does not let ``converged`` skip the certificate that no
+    # eigenvalue beyond was missed (tests/test_lanczos_honest.py), so it is no cheaper than a cold one.
+    assert res.converged and cold.converged
     with pytest.raises(ValueError, match="`v0`"):
         lanczos_eigs(op, v0=torch.zeros(20, dtype=torch.float64))
     with pytest.raises(ValueError, match="`v0`"):
