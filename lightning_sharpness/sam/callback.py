@@ -62,7 +62,7 @@ class SAM(Callback):
         m: m-sharpness: each chunk of ``m`` examples of a device batch is perturbed by its own gradient and
             the perturbed gradients are averaged weighted by chunk size (a last, smaller chunk weighs less).
             Costs one extra forward-backward per step (the per-chunk gradients at ``w``). ``None``: n-SAM.
-        perturb: ``"all"`` trainable parameters, ``"norm"`` layers only (SAM-ON), or ``(name, param) -> bool``.
+        perturb: ``"all"`` parameters, ``"norm"`` layers only (SAM-ON), a list of names, or ``(name, param) -> bool``.
         start_step: ERM until this global step, SAM from it on.
         start_epoch: ERM until this epoch, SAM from it on (both conditions must hold).
         mode: ``"local"`` (default): each micro-batch on each device is perturbed by its own gradient, as in

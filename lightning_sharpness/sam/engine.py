@@ -53,8 +53,8 @@ class SAMEngine:
         normalize: ``True`` for ``e = rho T^2 g / ||T g||``; ``False`` for unnormalized SAM, ``e = rho T^2 g``.
         m: chunk size for m-sharpness (each chunk of ``m`` examples is perturbed by its own gradient);
             ``None`` perturbs the whole (micro-)batch at once.
-        perturb: which parameters move: ``"all"`` trainable ones, ``"norm"`` layers only (SAM-ON) or a
-            predicate ``(name, param) -> bool``.
+        perturb: which parameters move: ``"all"``, ``"norm"`` layers only (SAM-ON), a list of parameter names
+            or a predicate ``(name, param) -> bool`` (the measures' ``params=`` vocabulary).
         bn_update: ``"first"``: running statistics of normalization layers are updated by the ordinary pass
             only (standard practice); ``"both"``: SAM's extra passes update them too.
         mode: ``"local"``: each micro-batch on each device is perturbed by its own gradient;
