@@ -527,3 +527,32 @@ def test_perturb_speaks_the_measures_vocabulary_of_parameter_names():
         assert torch.equal(a, b)
     with pytest.raises(ValueError, match=r"`perturb` names unknown parameters \['net.9.weight'\]"):
         trainer(max_steps=1, callbacks=[SAM(perturb=["net.9.weight"])]).fit(Classifier(mlp()), loader(x, y))
+
+
+class TiedNet(nn.Module):
+    """Two layers sharing one weight (as tied language models share embedding and output weights)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.inp = nn.Linear(8, 8, bias=False)
+        self.out = nn.Linear(8, 8, bias=False)
+        self.out.weight = self.inp.weight
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.out(torch.tanh(self.inp(x)))))
+
+
+def test_tied_parameter_is_perturbed_once_with_its_whole_gradient():
+    x, y = classification_data()
+    net = TiedNet()
+    ref = clone(net)
+    assert ref.out.weight is ref.inp.weight
+    trainer(max_steps=3, callbacks=[SAM(rho=0.1)]).fit(Classifier(net), loader(x, y))
+    opt = torch.optim.SGD(ref.parameters(), lr=0.1, momentum=0.9)
+    for i in range(3):
+        reference.sam_step(ref, opt, x[16 * i : 16 * (i + 1)], y[16 * i : 16 * (i + 1)], rho=0.1)
+    assert net.out.weight is net.inp.weight
+    for a, b in zip(ref.state_dict().values(), net.state_dict().values()):
+        assert torch.allclose(a, b, atol=1e-6)
