@@ -40,9 +40,9 @@ def _run(with_monitor: bool):
 def test_monitor_measures_the_unperturbed_weights_and_leaves_sam_training_unchanged():
     plain, _, _ = _run(False)
     model, starts, measured = _run(True)
-    assert len(measured) == 4 and len(starts) == 4
+    assert len(measured) == 5 and len(starts) == 4  # at fit start (step 0), then after every step
     # The weights measured after step t are those the next step starts from (w_t+1), not SAM's w + e.
-    for after_step, next_start in zip(measured[:-1], starts[1:]):
+    for after_step, next_start in zip(measured[:-1], starts):
         assert all(torch.equal(a, b) for a, b in zip(after_step, next_start))
     assert all(torch.equal(a, b) for a, b in zip(measured[-1], model.parameters()))
     # ... and SAM with the monitor trains bitwise as SAM without it.

@@ -57,10 +57,10 @@ def test_event_files_hold_scalars_density_and_landscape_pictures(tmp_path):
         "sharpness/seconds",
     }
     assert expected_scalars <= set(tags["scalars"])
-    assert [s for s, _ in monitor.history] == [2, 4]
+    assert [s for s, _ in monitor.history] == [0, 2, 4]  # at fit start, then every 2 steps
     for tag in expected_scalars:
         events = acc.Scalars(tag)
-        assert [e.step for e in events] == [2, 4], tag
+        assert [e.step for e in events] == [0, 2, 4], tag
         key = tag.removeprefix("sharpness/")
         for event, (_, values) in zip(events, monitor.history):
             assert event.value == pytest.approx(values[key], rel=1e-6, abs=1e-12), tag  # stored as float32
@@ -71,14 +71,14 @@ def test_event_files_hold_scalars_density_and_landscape_pictures(tmp_path):
 
     assert "sharpness/spectral_density/histogram" in tags["histograms"]
     hist = acc.Histograms("sharpness/spectral_density/histogram")
-    assert [h.step for h in hist] == [2, 4]
+    assert [h.step for h in hist] == [0, 2, 4]
     assert sum(hist[0].histogram_value.bucket) == pytest.approx(1000.0, rel=1e-6)
     assert hist[0].histogram_value.max == pytest.approx(top[0], rel=1e-3)  # largest Ritz value = top eigenvalue
 
     for tag in ("sharpness/landscape_1d", "sharpness/landscape_2d", "sharpness/spectral_density/image"):
         assert tag in tags["images"], tag
         images = acc.Images(tag)
-        assert [i.step for i in images] == [2, 4]
+        assert [i.step for i in images] == [0, 2, 4]
         assert images[0].width >= 300 and images[0].height >= 200
         assert images[0].encoded_image_string[:4] == b"\x89PNG"
 
@@ -89,7 +89,7 @@ def test_tbparse_reads_the_same_scalars(tmp_path):
     monitor, log_dir = _run(tmp_path, density="none")
     df = SummaryReader(str(log_dir)).scalars
     trace = df[df["tag"] == "sharpness/hessian_trace"]
-    assert trace["step"].tolist() == [2, 4]
+    assert trace["step"].tolist() == [0, 2, 4]
     assert trace["value"].tolist() == pytest.approx([v["hessian_trace"] for _, v in monitor.history], rel=1e-6)
     assert not any(t.startswith("sharpness/landscape") for t in df["tag"])
 
@@ -132,7 +132,7 @@ def test_real_tensorboard_server_serves_the_sharpness_tags(tmp_path):
         assert {"sharpness/hessian_eigenvalues", "sharpness/hessian_trace", "sharpness/seconds"} <= set(tags[run])
         query = urllib.parse.urlencode({"run": run, "tag": "sharpness/hessian_trace"})
         points = _get_json(f"{base}/data/plugin/scalars/scalars?{query}")
-        assert [p[1] for p in points] == [2, 4]
+        assert [p[1] for p in points] == [0, 2, 4]
         assert [p[2] for p in points] == pytest.approx([v["hessian_trace"] for _, v in monitor.history], rel=1e-6)
     finally:
         server.terminate()
