@@ -32,8 +32,8 @@ class LanczosResult:
 
 
 class _Basis:
-    """Orthonormal rows ``q_0, q_1, ...`` stored in chunks that grow geometrically (each new chunk as large as all
-    before it, the first 8 rows): at most twice the rows in use are allocated, and nothing is ever copied."""
+    """Orthonormal rows ``q_0, q_1, ...`` stored in chunks of 8 rows allocated as the basis fills: at most 7 rows
+    more than in use, and nothing is ever copied (the old code preallocated ``max_iter`` rows, 100 by default)."""
 
     def __init__(self, n: int, dtype: torch.dtype, device: torch.device, capacity: int) -> None:
         self.n, self.dtype, self.device, self.capacity = n, dtype, device, capacity
@@ -43,7 +43,7 @@ class _Basis:
     def append(self, q: Tensor) -> None:
         allocated = sum(c.shape[0] for c in self.chunks)
         if self.size == allocated:
-            rows = min(max(8, allocated), self.capacity - allocated)
+            rows = min(8, self.capacity - allocated)
             self.chunks.append(torch.empty(rows, self.n, dtype=self.dtype, device=self.device))
         offset = self.size
         for c in self.chunks:
@@ -70,9 +70,9 @@ class _Basis:
         raise IndexError(i)
 
     def orthogonalize(self, w: Tensor) -> Tensor:
-        """One classical Gram-Schmidt pass: ``w - Q^T (Q w)``."""
+        """One classical Gram-Schmidt pass, in place: ``w -= Q^T (Q w)``."""
         for c in self._filled():
-            w = w - c.T @ (c @ w)
+            w.addmv_(c.T, c @ w, alpha=-1)
         return w
 
     def combine(self, S: Tensor) -> Tensor:
@@ -198,16 +198,17 @@ def lanczos_eigs(
     for j in range(max_iter):
         basis.append(q)
         w = op @ q
-        alpha = float(torch.dot(q.double(), w.double()))
-        w = w - alpha * q
+        # Sums in the working dtype: the reductions are cascaded (about 1e-9 of the terms' magnitudes in float32).
+        alpha = float((q * w).sum())
+        w = torch.sub(w, q, alpha=alpha)  # a new tensor: the operator's output is never written into
         if j > block_start:
-            w = w - betas[-1] * basis.row(j - 1)
-        before = float(w.double().norm())
+            w.sub_(basis.row(j - 1), alpha=betas[-1])
+        before = float(w.norm())
         w = basis.orthogonalize(w)
-        beta = float(w.double().norm())
+        beta = float(w.norm())
         if beta < before / math.sqrt(2):  # the pass cancelled much of w: once more ("twice is enough")
             w = basis.orthogonalize(w)
-            beta = float(w.double().norm())
+            beta = float(w.norm())
         alphas.append(alpha)
         m = j + 1
         T = torch.diag(torch.tensor(alphas, dtype=torch.float64))

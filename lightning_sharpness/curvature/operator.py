@@ -381,6 +381,31 @@ class HessianOperator:
         self.matvecs += k
         return out
 
+    def matmat_rows(self, V: Tensor, flat: bool = True) -> Tensor | list[Tensor]:
+        """``H v`` for each row ``v`` of a ``(b, dim)`` block, rows in and rows out: none of :meth:`matmat`'s
+        ``(dim, k)`` transposes and copies. ``flat=False`` gives the per-parameter blocks ``(b, *shape)`` as the
+        products return them (no concatenation). Blocks of more than ``chunk_size`` rows go ``chunk_size`` at a time.
+        """
+        if V.dim() != 2 or V.shape[1] != self.dim:
+            raise ValueError(f"`V` must have shape (b, {self.dim}), got {tuple(V.shape)}.")
+        V = V.to(dtype=self.dtype, device=self.device)
+        parts = []
+        for start in range(0, V.shape[0], self.chunk_size):
+            rows = V[start : start + self.chunk_size]
+            vs = tuple(c.view(-1, *s) for c, s in zip(torch.split(rows, self.numels, dim=1), self.shapes))
+            acc = None
+            for index, w in enumerate(self.weights):
+                hv = [h.detach() for h in self._hvp_block(index, vs)]
+                if acc is None:  # a product may return its input itself (an identity block): never write into it
+                    acc = [h * w for h in hv] if w != 1.0 or len(self.weights) > 1 else hv
+                else:
+                    for a, h in zip(acc, hv):
+                        a.add_(h, alpha=w)
+            parts.append(acc)
+        self.matvecs += V.shape[0]
+        out = parts[0] if len(parts) == 1 else [torch.cat(p) for p in zip(*parts)]
+        return torch.cat([o.reshape(o.shape[0], -1) for o in out], dim=1) if flat else out
+
     def matvec(self, v: Tensor) -> Tensor:
         """``H @ v`` for one flat vector."""
         if v.dim() != 1 or v.shape[0] != self.dim:
