@@ -50,8 +50,9 @@ DEFAULT_MEASURES: tuple[MeasureSpec, ...] = (
 )
 #: Estimates linear in the loss, with the same random vectors on every process: under DDP, each process
 #: measures its share and the results are averaged weighted by size, which gives exactly the result on the
-#: whole probe set. Also ``hessian_trace`` with ``method="hutchinson"`` and ``worst_case_sharpness`` with ``m``
-#: and ``init="zero"`` (a random start draws from one generator chunk after chunk, so shards would differ).
+#: whole probe set. Also ``hessian_trace`` with ``method="hutchinson"`` and ``worst_case_sharpness`` with ``m``,
+#: from any start (each chunk draws its random starts from its own generator, seeded by ``seed`` and the chunk's
+#: place in its batch, so a chunk gets the same starts on whichever process measures it).
 _LINEAR_MEASURES = {"hessian_diagonal", "average_case_sharpness"}
 #: Options of the measure functions that the monitor fills in when the user does not.
 _SEED_OPTION = "seed"
@@ -268,8 +269,8 @@ def _is_linear(name: str, options: Mapping[str, Any]) -> bool:
     """Whether per-process results on shards combine exactly into the result on the whole probe set."""
     if name == "hessian_trace":
         return options.get("method") == "hutchinson"  # Hutch++ projects on a sketch: not linear in H
-    if name == "worst_case_sharpness":  # m-sharpness, a mean over chunks, each from the same start
-        return options.get("m") is not None and options.get("init") == "zero"
+    if name == "worst_case_sharpness":  # m-sharpness, a mean over chunks, each from its own seeded starts
+        return options.get("m") is not None
     return name in _LINEAR_MEASURES
 
 
