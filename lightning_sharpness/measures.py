@@ -23,6 +23,7 @@ the global RNG states; randomness comes from a local generator seeded by ``seed`
 from __future__ import annotations
 
 import math
+import traceback
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -32,17 +33,24 @@ import torch
 from torch import Tensor, nn
 
 from lightning_sharpness._state import preserved
-from lightning_sharpness.curvature.batches import split_batch
+from lightning_sharpness.curvature.batches import Batches, split_batch
 from lightning_sharpness.curvature.density import SpectralDensity, slq
 from lightning_sharpness.curvature.diagonal import diagonal as _diagonal
 from lightning_sharpness.curvature.diagonal import sqrt_sum
 from lightning_sharpness.curvature.lanczos import lanczos_eigs
-from lightning_sharpness.curvature.operator import HessianOperator, ParamSelection, select_named_parameters
+from lightning_sharpness.curvature.operator import (
+    HessianOperator,
+    NonFiniteLossError,
+    ParamSelection,
+    select_named_parameters,
+)
 from lightning_sharpness.curvature.probes import make_generator, rademacher
 from lightning_sharpness.curvature.trace import hutchinson, hutchpp
 from lightning_sharpness.geometry import Geometry, resolve_geometry
 
 __all__ = [
+    "Batches",
+    "NonFiniteLossError",
     "Estimate",
     "EigenResult",
     "DiagonalResult",
@@ -131,7 +139,36 @@ def _measuring(model: nn.Module) -> Iterator[None]:
     with preserved(model):
         model.eval()
         with torch.no_grad():
-            yield
+            try:
+                yield
+            except NonFiniteLossError as err:
+                _name_measure(err)
+                raise
+
+
+def _name_measure(err: NonFiniteLossError) -> None:
+    """Prefix the error with the measure it left (the first measure function of this module on its traceback),
+    so that every measure names itself without passing its name down to the operator."""
+    if err.measure is not None:
+        return
+    for frame, _ in traceback.walk_tb(err.__traceback__):
+        name = frame.f_code.co_name
+        if frame.f_globals.get("__name__") == __name__ and (name in MEASURE_NAMES or name == "layerwise"):
+            err.measure = name
+            err.args = (f"{name}: {err.args[0]}", *err.args[1:])
+            return
+
+
+def _finite(value: float, where: str) -> float:
+    """``value``, a loss the perturbation measures computed, if finite; else :class:`NonFiniteLossError`."""
+    if not math.isfinite(value):
+        hint = (
+            "a smaller rho keeps the perturbed weights where the loss is defined"
+            if "perturbed" in where
+            else "check the model's outputs and the batch (NaN or inf in inputs or weights, log of 0, an overflow)"
+        )
+        raise NonFiniteLossError(f"the loss {where} is not a finite number ({value}): {hint}.")
+    return value
 
 
 def _check_positive_int(value: Any, name: str, least: int = 1) -> int:
@@ -456,9 +493,9 @@ def _maximize(
             return op.loss_at(geo.retract(params, list(x)), chunk)
 
         g, v = torch.func.grad_and_value(f)(tuple(xi))
-        return float(v), [t.detach() for t in g]
+        return _finite(float(v), f"at a perturbed point (rho={rho})"), [t.detach() for t in g]
 
-    base = float(op.loss_at(base_vals, chunk))
+    base = _finite(float(op.loss_at(base_vals, chunk)), "at the model's weights")
     if rho == 0:
         return base, base, [torch.zeros_like(p) for p in base_vals]
     xi = [t.clone() for t in start]
@@ -667,11 +704,12 @@ def average_case_sharpness(
         op, geo, params, rho = _perturbed_setup(model, loss_fn, batches, rho, geometry, norm, params)
         generator = make_generator(seed)
         joint = _Joint(op, list(zip(op.batches, op.weights)))
-        base = float(joint.loss_at([p.detach() for p in params], None))
+        base = _finite(float(joint.loss_at([p.detach() for p in params], None)), "at the model's weights")
         values = []
         for _ in range(samples):
             xi = [t.mul_(rho) for t in geo.sample(params, generator, norm)]
-            values.append(float(joint.loss_at(geo.retract(params, xi), None)) - base)
+            perturbed = float(joint.loss_at(geo.retract(params, xi), None))
+            values.append(_finite(perturbed, f"at a perturbed point (rho={rho})") - base)
     per = torch.tensor(values, dtype=torch.float64)
     return PerturbationResult(
         float(per.mean()),

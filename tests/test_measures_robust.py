@@ -225,3 +225,127 @@ def test_worst_case_restarts_is_validated():
     net, batch = tanh_problem(2)
     with pytest.raises(ValueError, match="restarts"):
         M.worst_case_sharpness(net, mse, batch, rho=0.1, restarts=0)
+
+
+# ---------------------------------------------------------------------------------------------- every measure
+ALL_MEASURES = [
+    ("hessian_eigenvalues", {}),
+    ("hessian_trace", {"matvecs": 9}),
+    ("hessian_diagonal", {"matvecs": 4}),
+    ("diag_sqrt_trace", {"matvecs": 4}),
+    ("spectral_density", {"probes": 2, "steps": 4}),
+    ("renyi_sharpness", {"matvecs": 4}),
+    ("worst_case_sharpness", {"rho": 0.1, "steps": 2, "restarts": 2}),
+    ("worst_case_sharpness", {"rho": 0.1, "steps": 2, "restarts": 2, "m": 4}),
+    ("average_case_sharpness", {"rho": 0.1, "samples": 3}),
+    ("layerwise", {"matvecs": 4}),
+    ("layerwise", {"measure": "eigenvalue"}),
+]
+
+
+def small_net() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).double()
+
+
+def regression_batch(n: int = 8, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 3, generator=g, dtype=torch.float64), torch.randn(n, 2, generator=g, dtype=torch.float64)
+
+
+def test_every_measure_is_listed_here():
+    assert {name for name, _ in ALL_MEASURES} == set(M.MEASURE_NAMES) | {"layerwise"}
+
+
+@pytest.mark.parametrize("name,options", ALL_MEASURES)
+@pytest.mark.parametrize("how", ["nan weight", "inf loss", "nan in second batch"])
+def test_a_non_finite_loss_is_an_error_naming_the_measure(name, options, how):
+    net, (x, y) = small_net(), regression_batch()
+    batches, loss_fn = (x, y), mse
+    if how == "nan weight":
+        with torch.no_grad():
+            net[2].weight[0, 0] = float("nan")
+    elif how == "inf loss":
+
+        def loss_fn(model, batch):
+            return mse(model, batch) - torch.log(torch.zeros((), dtype=torch.float64))
+
+    else:
+        bad = x.clone()
+        bad[0, 0] = float("nan")
+        batches = [(x, y), (bad, y)]
+    value = "nan" if how != "inf loss" else "inf"
+    # layerwise's per-block eigenvalues are hessian_eigenvalues calls: the error names the call that failed
+    named = "hessian_eigenvalues" if options.get("measure") == "eigenvalue" else name
+    with pytest.raises(
+        ValueError, match=rf"^{named}: the loss at the model's weights is not a finite number \({value}\)"
+    ):
+        getattr(M, name)(net, loss_fn, batches, **options)
+
+
+def test_the_non_finite_loss_error_says_which_batch():
+    net, (x, y) = small_net(), regression_batch()
+    bad = x.clone()
+    bad[0, 0] = float("nan")
+    with pytest.raises(M.NonFiniteLossError, match="on batch 2 of 2"):
+        M.hessian_trace(net, mse, [(x, y), (bad, y)], matvecs=9)
+
+
+class LogBarrier(nn.Module):
+    """``loss = -sum(log(1 - w^2))``: finite at ``w = 0``, NaN where some ``|w_i| > 1``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.zeros(3, dtype=torch.float64))
+
+    def forward(self, batch):
+        return -torch.log(1 - self.w**2).sum() + 0 * batch.sum()
+
+
+@pytest.mark.parametrize("name", ["worst_case_sharpness", "average_case_sharpness"])
+def test_a_non_finite_perturbed_loss_is_an_error(name):
+    model, batch = LogBarrier(), torch.zeros(2, 1, dtype=torch.float64)
+    assert float(getattr(M, name)(model, lambda m, b: m(b), batch, rho=0.1)) > 0  # inside the barrier: fine
+    with pytest.raises(ValueError, match=rf"^{name}: the loss at a perturbed point \(rho=5.0\) is not a finite"):
+        getattr(M, name)(model, lambda m, b: m(b), batch, rho=5.0, geometry="standard", norm="linf")
+
+
+# ---------------------------------------------------------------------------------------------- batch contract
+def single_tensor_loss(model, batch):
+    return model(batch).pow(2).mean()
+
+
+@pytest.mark.parametrize("name,options", ALL_MEASURES)
+def test_a_list_of_single_tensor_batches_fails_with_the_batch_contract(name, options):
+    net = small_net()
+    x1, x2 = regression_batch(seed=1)[0], regression_batch(seed=2)[0]
+    with pytest.raises(TypeError, match=r"a list of 2 tensors, which is one batch.*pass `Batches\(\[\.\.\.\]\)`"):
+        getattr(M, name)(net, single_tensor_loss, [x1, x2], **options)
+
+
+def test_batches_passes_several_single_tensor_batches():
+    from tests.helpers import double_backward_hessian
+
+    net = small_net()
+    x1, x2 = regression_batch(seed=1)[0], regression_batch(seed=2)[0]
+    truth = double_backward_hessian(net, single_tensor_loss, torch.cat([x1, x2])).trace().item()
+    dim = sum(p.numel() for p in net.parameters())
+    t = M.hessian_trace(net, single_tensor_loss, M.Batches([x1, x2]), matvecs=3 * dim)
+    assert float(t) == pytest.approx(truth, rel=1e-9)
+    # a generator of batches is several batches too
+    t = M.hessian_trace(net, single_tensor_loss, (b for b in [x1, x2]), matvecs=3 * dim)
+    assert float(t) == pytest.approx(truth, rel=1e-9)
+
+
+@pytest.mark.parametrize(
+    "batches,error,match",
+    [
+        (5, TypeError, "of type int"),
+        ([], ValueError, "empty"),
+        (["a", "b"], ValueError, "holds no tensor"),
+        (torch.tensor(1.0), ValueError, "0-dim tensor"),
+    ],
+)
+def test_bad_batches_show_the_accepted_forms(batches, error, match):
+    with pytest.raises(error, match=rf"{match}.*one batch \(a tensor, a tuple or list of tensors"):
+        M.hessian_trace(small_net(), single_tensor_loss, batches)

@@ -1,13 +1,53 @@
-"""Normalizing the ``batches`` argument: one batch, a list of batches, or a DataLoader."""
+"""The ``batches`` argument of the measures, in one place: what is one batch and what is several.
+
+* **One batch**: a tensor; a tuple or list of tensors (``(x, y)``, or ``[x, y]`` as a DataLoader collates a
+  ``TensorDataset``); a dict of tensors (nested containers are fine: the loss function gets the batch as it is).
+* **Several batches**: a list of such batches (``[(x1, y1), (x2, y2)]``), a DataLoader or any other iterable of
+  batches that is not a list, tuple or dict (a generator), or ``Batches([...])``.
+
+A list whose items are all tensors is ambiguous: ``[x, y]`` from a DataLoader is one batch, ``[x1, x2]`` may be two
+single-tensor batches. It is one batch (the DataLoader convention); several single-tensor batches are passed as
+``Batches([x1, x2])``. When the loss function fails on such a list, the error says so.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 from torch import Tensor
 
-__all__ = ["as_batches", "batch_size", "split_batch"]
+__all__ = ["Batches", "BATCH_FORMS", "as_batches", "batch_size", "is_ambiguous", "split_batch"]
+
+#: The accepted forms, for error messages.
+BATCH_FORMS = (
+    "`batches` is one batch (a tensor, a tuple or list of tensors such as `[x, y]` from a DataLoader, or a dict of "
+    "tensors) or several (a list of such batches, a DataLoader or another iterable of batches, or "
+    "`Batches([...])`). A list of tensors is one batch: pass several single-tensor batches as "
+    "`Batches([x1, x2])` (from lightning_sharpness.measures)."
+)
+
+
+class Batches:
+    """Several batches, said explicitly: ``Batches([x1, x2])`` is two single-tensor batches, where the list
+    ``[x1, x2]`` would be one batch (as ``[x, y]`` from a DataLoader is).
+
+    Example::
+
+        hessian_trace(model, lambda m, x: m(x).pow(2).mean(), Batches([x1, x2]))
+    """
+
+    def __init__(self, batches: Iterable[Any]) -> None:
+        self._batches = list(batches)
+
+    def __iter__(self) -> Iterator[Any]:
+        return iter(self._batches)
+
+    def __len__(self) -> int:
+        return len(self._batches)
+
+    def __repr__(self) -> str:
+        return f"Batches({len(self._batches)} batches)"
 
 
 def _first_tensor(batch: Any) -> Tensor | None:
@@ -27,8 +67,14 @@ def batch_size(batch: Any) -> int:
     """Number of examples in a batch: the leading size of its first tensor."""
     t = _first_tensor(batch)
     if t is None or t.dim() == 0:
-        raise ValueError(f"`batches`: cannot find a batched tensor in a batch of type {type(batch).__name__}.")
+        found = "a 0-dim tensor" if t is not None else "no tensor"
+        raise ValueError(f"A batch of type {type(batch).__name__} holds {found} with a batch dimension. {BATCH_FORMS}")
     return int(t.shape[0])
+
+
+def is_ambiguous(batch: Any) -> bool:
+    """A list of tensors: one batch ``[x, y]``, or several single-tensor batches?"""
+    return isinstance(batch, list) and len(batch) > 0 and all(isinstance(b, Tensor) for b in batch)
 
 
 def _is_single_batch(batches: Any) -> bool:
@@ -39,22 +85,17 @@ def _is_single_batch(batches: Any) -> bool:
 
 
 def as_batches(batches: Any) -> tuple[list[Any], list[float]]:
-    """The batches as a list (a DataLoader is iterated once) and their weights ``n_b / N``.
-
-    A tensor, tuple, dict, or list of tensors (a DataLoader-collated ``[x, y]``) is one batch; any other list
-    or iterable is a sequence of batches. To pass several single-tensor batches, wrap each in a tuple.
-    """
-    if _is_single_batch(batches):
+    """The batches as a list (a DataLoader is iterated once) and their weights ``n_b / N`` (see the module)."""
+    if isinstance(batches, Batches):
+        items = list(batches)
+    elif _is_single_batch(batches):
         items = [batches]
     elif isinstance(batches, Iterable) and not isinstance(batches, (str, bytes)):
         items = list(batches)
     else:
-        raise TypeError(
-            "`batches` must be a batch (tensor, tuple or dict of tensors), a list of batches or a DataLoader, "
-            f"got {type(batches).__name__}."
-        )
+        raise TypeError(f"Got `batches` of type {type(batches).__name__}. {BATCH_FORMS}")
     if not items:
-        raise ValueError("`batches` is empty: pass at least one batch with at least one example.")
+        raise ValueError(f"`batches` is empty: pass at least one batch with at least one example. {BATCH_FORMS}")
     sizes = [batch_size(b) for b in items]
     if any(s == 0 for s in sizes):
         raise ValueError(f"`batches` contains an empty batch (batch sizes {sizes}).")

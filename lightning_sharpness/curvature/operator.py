@@ -28,9 +28,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
-from lightning_sharpness.curvature.batches import as_batches
+from lightning_sharpness.curvature.batches import BATCH_FORMS, as_batches, is_ambiguous
 
-__all__ = ["HessianOperator", "select_named_parameters"]
+__all__ = ["HessianOperator", "NonFiniteLossError", "select_named_parameters"]
 
 ParamSelection = None | Sequence[str] | Callable[[str, Tensor], bool]
 _BACKENDS = ("auto", "vmap", "jvp", "autograd")
@@ -127,6 +127,13 @@ def _tied_aliases(model: nn.Module, prefix: str = "model.") -> dict[str, list[st
     return aliases
 
 
+class NonFiniteLossError(ValueError):
+    """The loss is NaN or infinite where it is measured: no curvature or sharpness is defined there. The measures
+    add their name to the message (``measure`` holds it)."""
+
+    measure: str | None = None
+
+
 class _LossModule(nn.Module):
     """``forward(batch) = loss_fn(model, batch)``, so that ``functional_call`` can swap the weights."""
 
@@ -204,6 +211,10 @@ class HessianOperator:
         # A block through a held graph: one ``is_grads_batched`` backward, or a loop of backward passes (faster on
         # CPU on the benchmark CNN: 6.3 ms per vector looped against 9-18 ms batched in blocks of 4-64, 1 thread).
         self.batched = self.device.type == "cuda" if batched is None else bool(batched)
+        self._finite: set[int] = set()  # batches whose loss at the weights is known to be finite
+        for index, batch in enumerate(self.batches):
+            if is_ambiguous(batch):
+                self._check_batch(index)  # fail now, with the batch contract, if loss_fn cannot take it
 
     # ------------------------------------------------------------------ flat <-> per-parameter
     def flatten(self, tensors: Sequence[Tensor]) -> Tensor:
@@ -231,7 +242,43 @@ class HessianOperator:
     def loss(self) -> float:
         """The mean loss over the batches (weighted by batch size)."""
         with torch.no_grad():
-            return float(sum(w * self.loss_at(self.params, b).double() for b, w in zip(self.batches, self.weights)))
+            losses = [self._require_finite(self.loss_at(self.params, b), i) for i, b in enumerate(self.batches)]
+        return float(sum(w * loss.double() for loss, w in zip(losses, self.weights)))
+
+    def _check_batch(self, index: int) -> None:
+        """Raise :class:`NonFiniteLossError` unless the loss of batch ``index`` at the weights is finite (once per
+        batch; a forward pass without gradient). A list of tensors that ``loss_fn`` cannot take fails with the batch
+        contract in the message: it may have been meant as several single-tensor batches."""
+        if index in self._finite:
+            return
+        batch = self.batches[index]
+        try:
+            with torch.no_grad():
+                loss = self.loss_at(self.params, batch)
+        except Exception as err:
+            if not is_ambiguous(batch):
+                raise
+            raise TypeError(
+                f"loss_fn(model, batch) raised {type(err).__name__} on batch {index + 1}, a list of {len(batch)} "
+                f"tensors, which is one batch (as `[x, y]` from a DataLoader): {err}. If it holds {len(batch)} "
+                f"single-tensor batches, pass `Batches([...])`. {BATCH_FORMS}"
+            ) from err
+        self._require_finite(loss, index)
+
+    def _require_finite(self, loss: Tensor, index: int | None) -> Tensor:
+        """``loss``, the loss of batch ``index`` at the weights, if it is a finite number; else the error."""
+        value = loss.detach()
+        if value.numel() != 1 or not bool(torch.isfinite(value).all()):
+            what = f"a tensor of shape {tuple(value.shape)}" if value.numel() != 1 else f"{float(value)}"
+            where = "" if index is None else f" on batch {index + 1} of {len(self.batches)}"
+            raise NonFiniteLossError(
+                f"the loss at the model's weights is not a finite number ({what}){where}: no curvature is defined "
+                "there. Check the model's outputs and the batch (NaN or inf in inputs or weights, log of 0, an "
+                "overflow in low precision); `loss_fn` must return a scalar."
+            )
+        if index is not None:
+            self._finite.add(index)
+        return loss
 
     def gradient(self) -> Tensor:
         """The flat gradient of the mean loss. With the double-backward backend it comes from the gradient graphs
@@ -242,15 +289,20 @@ class HessianOperator:
             if self.backend in ("auto", "autograd"):
                 try:
                     g = self._graph(i)[1]
+                except NonFiniteLossError:
+                    raise
                 except (RuntimeError, NotImplementedError, TypeError, ValueError):
                     g = None
             if g is None:
+                self._check_batch(i)
                 g = torch.func.grad(lambda p, b=batch: self.loss_at(p, b))(self.params)
             total.add_(self.flatten([t.detach() for t in g]), alpha=w)
         return total
 
     # ------------------------------------------------------------------ gradient graphs
-    def _build_graph(self, batch: Any, measure: bool) -> tuple[tuple[Tensor, ...], tuple[Tensor, ...], int]:
+    def _build_graph(
+        self, batch: Any, measure: bool, index: int | None = None
+    ) -> tuple[tuple[Tensor, ...], tuple[Tensor, ...], int]:
         """Leaves (copies of the parameters), the gradient at them with its graph, and the bytes it saves."""
         seen: dict[int, int] = {}
 
@@ -264,10 +316,10 @@ class HessianOperator:
             leaves = tuple(p.clone().requires_grad_(True) for p in self.params)
             if measure:
                 with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-                    loss = self.loss_at(leaves, batch)
+                    loss = self._require_finite(self.loss_at(leaves, batch), index)
                     grads = torch.autograd.grad(loss, leaves, create_graph=True, allow_unused=True)
             else:
-                loss = self.loss_at(leaves, batch)
+                loss = self._require_finite(self.loss_at(leaves, batch), index)
                 grads = torch.autograd.grad(loss, leaves, create_graph=True, allow_unused=True)
         grads = tuple(torch.zeros_like(p) if g is None else g for p, g in zip(leaves, grads))
         return leaves, grads, sum(seen.values())
@@ -279,7 +331,7 @@ class HessianOperator:
         if held:
             return held[0], held[1], True
         keep = held is None and self.graph_memory > 0
-        leaves, grads, nbytes = self._build_graph(self.batches[index], measure=keep)
+        leaves, grads, nbytes = self._build_graph(self.batches[index], measure=keep, index=index)
         if keep and self.graph_bytes + nbytes <= self.graph_memory:
             self._graphs[index] = (leaves, grads)
             self.graph_bytes += nbytes
@@ -294,6 +346,7 @@ class HessianOperator:
 
     # ------------------------------------------------------------------ products
     def _hvp_vmap(self, index: int, vs: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
+        self._check_batch(index)
         batch = self.batches[index]
         grad_fn = torch.func.grad(lambda p: self.loss_at(p, batch))
 
@@ -303,6 +356,7 @@ class HessianOperator:
         return torch.func.vmap(one)(*vs)
 
     def _hvp_jvp(self, index: int, vs: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
+        self._check_batch(index)
         batch = self.batches[index]
         grad_fn = torch.func.grad(lambda p: self.loss_at(p, batch))
         outs = [torch.func.jvp(grad_fn, (self.params,), (tuple(v[i] for v in vs),))[1] for i in range(len(vs[0]))]
@@ -347,6 +401,8 @@ class HessianOperator:
         for name in dict.fromkeys(n for n in order if n is not None):
             try:
                 out = getattr(self, f"_hvp_{name}")(index, vs)
+            except NonFiniteLossError:
+                raise  # no backend can help: the function itself is not finite
             except (RuntimeError, NotImplementedError, TypeError, ValueError) as err:
                 errors.append(f"{name}: {err}")
                 continue
