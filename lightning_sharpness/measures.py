@@ -664,7 +664,7 @@ def worst_case_sharpness(
         0,
         {"geometry": geo.name, "norm": norm, "rho": rho, "restarts": restarts},
         per_chunk=per_chunk,
-        base_loss=float(torch.tensor(bases).mean()),
+        base_loss=float(torch.tensor(bases, dtype=torch.float64).mean()),  # the losses are float64 Python floats
     )
 
 

@@ -121,11 +121,12 @@ def assert_same_weights(a: nn.Module, b: nn.Module, atol: float = 1e-6) -> None:
         )
 
 
-def double_backward_hessian(model: nn.Module, loss_fn, batch) -> torch.Tensor:
+def double_backward_hessian(model: nn.Module, loss_fn, batch, params=None) -> torch.Tensor:
     """Ground truth for the measures: the dense Hessian of ``loss_fn(model, batch)`` w.r.t. the model's trainable
-    parameters (``named_parameters()`` order, tied ones once) by double backward through the model itself, as
-    it is called (tied weights and shared submodules enter every use). Use float64 models for tight checks."""
-    params = [p for p in model.parameters() if p.requires_grad]
+    parameters (``named_parameters()`` order, tied ones once; or the tensors ``params``) by double backward through
+    the model itself, as it is called (tied weights and shared submodules enter every use). Use float64 models for
+    tight checks."""
+    params = [p for p in model.parameters() if p.requires_grad] if params is None else list(params)
     with torch.enable_grad():
         grads = torch.autograd.grad(loss_fn(model, batch), params, create_graph=True)
         flat = torch.cat([g.reshape(-1) for g in grads])

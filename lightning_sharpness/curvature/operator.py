@@ -14,13 +14,17 @@ one of three backends:
 * ``"vmap"``: forward-over-reverse (``torch.func.jvp`` of ``torch.func.grad`` over ``functional_call``), batched
   over the vectors with ``torch.func.vmap``; ``"jvp"``: the same, one vector at a time.
 
+The model runs with the math kernel of ``scaled_dot_product_attention`` and without the fused attention fast paths
+while it is measured (:func:`differentiable_attention`): the fused kernels have no double backward.
+
 Every curvature algorithm in this package takes such an operator only.
 """
 
 from __future__ import annotations
 
 import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -28,9 +32,14 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
+try:  # torch >= 2.2
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+except ImportError:  # pragma: no cover
+    SDPBackend = sdpa_kernel = None
+
 from lightning_sharpness.curvature.batches import BATCH_FORMS, as_batches, is_ambiguous
 
-__all__ = ["HessianOperator", "NonFiniteLossError", "select_named_parameters"]
+__all__ = ["HessianOperator", "NonFiniteLossError", "differentiable_attention", "select_named_parameters"]
 
 ParamSelection = None | Sequence[str] | Callable[[str, Tensor], bool]
 _BACKENDS = ("auto", "vmap", "jvp", "autograd")
@@ -125,6 +134,32 @@ def _tied_aliases(model: nn.Module, prefix: str = "model.") -> dict[str, list[st
         else:
             first[id(tensor)] = name
     return aliases
+
+
+@contextmanager
+def differentiable_attention() -> Iterator[None]:
+    """Attention kernels that have second derivatives, for the measured forward passes only.
+
+    The fused kernels of ``F.scaled_dot_product_attention`` (flash, memory-efficient, cuDNN; on CPU the flash one,
+    HuggingFace's default ``attn_implementation="sdpa"``) have no derivative of their backward and no forward-mode
+    AD, and the inference fast paths of ``nn.MultiheadAttention`` / ``nn.TransformerEncoderLayer``
+    (``torch._native_multi_head_attention``, ``torch._transformer_encoder_layer_fwd``) no derivative at all. Here
+    the math kernel (the same function, to rounding) and the standard paths run instead; on exit the user's
+    settings, and so the training outside the measurement, are as they were.
+    """
+    mha = getattr(torch.backends, "mha", None)
+    fast_path = mha.get_fastpath_enabled() if mha is not None else None
+    if mha is not None:
+        mha.set_fastpath_enabled(False)
+    try:
+        if sdpa_kernel is None:  # pragma: no cover
+            yield
+        else:
+            with sdpa_kernel(SDPBackend.MATH):
+                yield
+    finally:
+        if mha is not None:
+            mha.set_fastpath_enabled(fast_path)
 
 
 class NonFiniteLossError(ValueError):
@@ -229,15 +264,17 @@ class HessianOperator:
     # ------------------------------------------------------------------ the function
     def loss_at(self, params: Sequence[Tensor], batch: Any) -> Tensor:
         """The loss of one batch with the chosen parameters replaced by ``params`` (under every name of a tied
-        one, so that each use sees them)."""
+        one, so that each use sees them), with attention kernels that have second derivatives
+        (:func:`differentiable_attention`)."""
         mapping = dict(self._frozen)
         mapping.update({f"model.{n}": p for n, p in zip(self.names, params)})
         for name, others in self._aliases.items():
             mapping.update(dict.fromkeys(others, mapping[name]))
-        if not self.affine_batchnorm:
-            return torch.func.functional_call(self._module, mapping, (batch,), strict=False, tie_weights=False)
-        with _AffineBatchNorm():
-            return torch.func.functional_call(self._module, mapping, (batch,), strict=False, tie_weights=False)
+        with differentiable_attention():
+            if not self.affine_batchnorm:
+                return torch.func.functional_call(self._module, mapping, (batch,), strict=False, tie_weights=False)
+            with _AffineBatchNorm():
+                return torch.func.functional_call(self._module, mapping, (batch,), strict=False, tie_weights=False)
 
     def loss(self) -> float:
         """The mean loss over the batches (weighted by batch size)."""
