@@ -2,7 +2,9 @@
 
 Every function has the shape ``measure(model, loss_fn, batches, **options)``: ``loss_fn(model, batch)`` returns
 the mean loss of a batch; ``batches`` is one batch (a tensor, a tuple / dict of tensors, or a DataLoader-style
-list ``[x, y]``), a list of batches, or a DataLoader, and the measure is of the mean loss over all their examples.
+list ``[x, y]``), a list of batches, a DataLoader, or ``Batches([x1, x2])`` for several single-tensor batches (see
+:mod:`lightning_sharpness.curvature.batches`), and the measure is of the mean loss over all their examples. A NaN or
+infinite loss raises :class:`NonFiniteLossError`, naming the measure.
 The model is measured in eval mode (BatchNorm uses its running statistics) and is left bitwise as it was, with
 the global RNG states; randomness comes from a local generator seeded by ``seed``. Each returns a result that
 ``float()`` turns into the estimate and that carries ``stderr`` where the estimate is stochastic.
@@ -611,11 +613,11 @@ def worst_case_sharpness(
     Hein, 2020): ``steps`` normalized (l2) or sign (l-inf) steps from ``step_size = 2 rho``, momentum 0.75, step
     halving at checkpoints when progress stalls (restarting from the best point), best iterate kept; the best of
     ``restarts`` starts, as in the code of Andriushchenko et al. (2023). One start climbs to a local maximum of a
-    non-concave loss: on small tanh networks at a minimum and at a stationary point, where brute force gives the
-    maximum, one start found it on 43-56% of 100 seeds (l2 and l-inf alike), the default 10 in all 720 runs tried
-    (9 networks x 40 seeds x 2 norms; all 10 starts miss with probability about ``0.5^10 = 0.1%``). Each start
-    climbs ``steps // 5`` steps, then the best point found climbs ``steps`` more: ``3 * steps`` gradients at
-    the defaults, against ``steps`` for ``restarts=1``.
+    non-concave loss: on small tanh networks at a minimum, where brute force gives the maximum, one start found it
+    on 43-53% of 100 seeds (l2 and l-inf alike; 56% at a stationary point, l-inf), the default 10 in all 720 runs
+    tried (9 networks x 40 seeds x 2 norms; all 10 starts miss with probability about ``0.5^10 = 0.1%``). Each
+    start climbs ``steps // 5`` steps, then the best point found climbs ``steps`` more: ``3 * steps`` gradients
+    at the defaults, against ``steps`` for ``restarts=1``.
 
     ``init="random"``: the starts are independent random draws, ``rho / 2`` times the geometry's (``T * U(-1, 1)``
     per element for l-inf, ``T * N(0, 1)`` for l2) projected onto the ball. ``init="zero"``: the first start is
