@@ -1,4 +1,5 @@
-"""Overhead around the Hessian-vector products: Hutchinson's trace and Lanczos on a ~200k-parameter ReLU MLP.
+"""Overhead around the Hessian-vector products: Hutchinson's and Hutch++'s traces and Lanczos on a ~200k-parameter
+ReLU MLP.
 
 Model: a 100-400-400-10 ReLU MLP (204,810 parameters), cross-entropy on one batch of 256 from a noisy teacher,
 40 SGD steps, float32, CPU, one thread. The operator's gradient graph is built before timing, so every call times
@@ -23,7 +24,7 @@ import torch.nn.functional as F
 from peak_memory import PeakMemory
 from torch import nn
 
-from lightning_sharpness.curvature import HessianOperator, hutchinson, lanczos_eigs
+from lightning_sharpness.curvature import HessianOperator, hutchinson, hutchpp, lanczos_eigs
 
 REPEATS = 5
 
@@ -96,6 +97,7 @@ def main() -> None:
         rows.append(
             measure(f"hutchinson {probes}", op, lambda p=probes: hutchinson(op, p, torch.Generator().manual_seed(0)))
         )
+    rows.append(measure("hutch++ 99", op, lambda: hutchpp(op, 99, torch.Generator().manual_seed(0))))
     for tol in (1e-2, 1e-3):
 
         def eig(t=tol):

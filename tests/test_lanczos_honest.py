@@ -156,6 +156,7 @@ def test_trained_mlp_against_arpack():
     assert all(r.converged and r.info["miss_probability"] <= 0.01 for *_, r in results)
 
 
+@pytest.mark.slow  # 1476 products for the dense Hessian: about 10-25 s
 def test_arpack_reference_matches_dense_hessian():
     model, x, y = trained_mlp()
     H = HessianOperator(model, mse, (x, y), chunk_size=128).dense()
