@@ -349,3 +349,14 @@ def test_batches_passes_several_single_tensor_batches():
 def test_bad_batches_show_the_accepted_forms(batches, error, match):
     with pytest.raises(error, match=rf"{match}.*one batch \(a tensor, a tuple or list of tensors"):
         M.hessian_trace(small_net(), single_tensor_loss, batches)
+
+
+def test_a_loss_fn_error_on_an_x_y_batch_is_the_loss_fns_own():
+    """``[x, y]`` of different shapes is plainly one batch: an error of the loss function is passed on as it is."""
+
+    def broken(model, batch):
+        raise ValueError("loss_fn: this batch has no labels")
+
+    x, y = regression_batch()
+    with pytest.raises(ValueError, match="^loss_fn: this batch has no labels$"):
+        M.hessian_trace(small_net(), broken, [x, y[:, :1]])

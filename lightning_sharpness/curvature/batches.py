@@ -7,7 +7,9 @@
 
 A list whose items are all tensors is ambiguous: ``[x, y]`` from a DataLoader is one batch, ``[x1, x2]`` may be two
 single-tensor batches. It is one batch (the DataLoader convention); several single-tensor batches are passed as
-``Batches([x1, x2])``. When the loss function fails on such a list, the error says so.
+``Batches([x1, x2])``. When the loss function fails on a list of tensors that could be such batches (two or more, of
+one shape but the leading size), the error says so and shows the accepted forms; other errors are the loss
+function's own.
 """
 
 from __future__ import annotations
@@ -73,8 +75,11 @@ def batch_size(batch: Any) -> int:
 
 
 def is_ambiguous(batch: Any) -> bool:
-    """A list of tensors: one batch ``[x, y]``, or several single-tensor batches?"""
-    return isinstance(batch, list) and len(batch) > 0 and all(isinstance(b, Tensor) for b in batch)
+    """A list of two or more tensors of one shape but the leading size: several single-tensor batches, or one
+    batch ``[x, y]`` (whose parts usually differ in shape: inputs and labels)?"""
+    if not (isinstance(batch, list) and len(batch) > 1 and all(isinstance(b, Tensor) for b in batch)):
+        return False
+    return all(b.dim() > 0 and b.shape[1:] == batch[0].shape[1:] for b in batch)
 
 
 def _is_single_batch(batches: Any) -> bool:

@@ -446,6 +446,7 @@ class HessianOperator:
             self.backend = name
             _CHOICES.setdefault(self.model, {})[key] = name
             return out
+        self._check_batch(index)  # a loss_fn that fails without derivatives too: its own error, not the backends'
         raise RuntimeError("No Hessian-vector product backend works for this model: " + "; ".join(errors))
 
     def matmat(self, V: Tensor) -> Tensor:
