@@ -109,8 +109,10 @@ def hutchpp(op: LinearOperator, matvecs: int = 99, generator: torch.Generator | 
         return TraceEstimate(value, 0.0, op.dim, torch.zeros(0, dtype=torch.float64))
     block = _block(op)
     S = rademacher_rows(third, op.dim, generator, op.dtype, op.device)
-    Q = torch.linalg.qr(_products(op, S).T).Q  # (dim, third); its transpose is row-major: the rows of Q^T
+    AS = _products(op, S)
     del S
+    Q = torch.linalg.qr(AS.T).Q  # (dim, third); its transpose is row-major: the rows of Q^T
+    del AS
     QT = Q.T
     exact = sum(float(_quadratic_forms(op, QT[i : i + block]).sum()) for i in range(0, third, block))
     n_rest = matvecs - 2 * third
