@@ -17,7 +17,7 @@ Two jobs:
 Usage::
 
     python benchmarks/monitor_overhead.py --repeats 2
-    python benchmarks/monitor_overhead.py --resnet --steps 200 --batch-size 16
+    python benchmarks/monitor_overhead.py --resnet --steps 300 --batch-size 16
 """
 
 from __future__ import annotations
@@ -176,7 +176,10 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=1, help="ResNet-18: epochs the steps are spread over")
     parser.add_argument("--batch-size", type=int, default=16, help="ResNet-18: batch size")
     parser.add_argument("--compare", action="store_true", help="ResNet-18: also time the fit without the monitor")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.resnet:
         resnet(args)
         return

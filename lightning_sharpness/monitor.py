@@ -136,8 +136,9 @@ class _Measure:
             return {"build": 1, "hvp": o("probes") * o("steps")}
         if name == "renyi_sharpness":
             return {"build": 1, "hvp": o("matvecs") if self._renyi_frobenius(options) else o("probes") * o("steps")}
-        if name == "worst_case_sharpness":
-            return {"grad": o("steps") + 1, "forward": 1}
+        if name == "worst_case_sharpness":  # each start scouts steps // 5 ascent steps, the best climbs steps more
+            starts, steps = (o("restarts") if "restarts" in self.defaults else 1), o("steps")
+            return {"grad": steps + (starts * (steps // 5) if starts > 1 else 0), "forward": 1}
         if name == "average_case_sharpness":
             return {"forward": o("samples") + 1}
         return {"build": 1, "hvp": 10}  # pragma: no cover - every measure is listed above
@@ -169,6 +170,8 @@ class _Measure:
                 cut("steps", o("steps"), 2)
         elif name == "worst_case_sharpness":
             cut("steps", o("steps"), 1)
+            if "restarts" in self.defaults:
+                cut("restarts", o("restarts"), 1)
         elif name == "average_case_sharpness":
             cut("samples", o("samples"), 2)
         return scaled
@@ -253,7 +256,7 @@ def _check_values(name: str, options: Mapping[str, Any], given: Mapping[str, Any
         if "matvecs" in given:
             least = 6 if name == "hessian_trace" and options.get("method") == "hutch++" else 2
             _check_positive_int(given["matvecs"], "matvecs", least)
-        for key in ("steps", "probes", "m"):
+        for key in ("steps", "probes", "m", "restarts"):
             if given.get(key) is not None:
                 _check_positive_int(given[key], key)
         if "samples" in given:
@@ -626,6 +629,7 @@ class SharpnessMonitor(Callback):
         self._seconds_at_start = 0.0
         self._last_cost: float | None = None
         self._plan: _Plan | None = None
+        self._plan_restored = False
         self._errors = 0
         self._saved_log_step: int | None = None
         #: ``(global step, {tag: value})`` of every measurement, on every process.
@@ -717,6 +721,7 @@ class SharpnessMonitor(Callback):
         self.history = [(int(s), dict(v)) for s, v in state_dict.get("history", [])]
         plan = state_dict.get("plan")
         self._plan = None if plan is None else _Plan(**plan)
+        self._plan_restored = self._plan is not None
         self._errors = int(state_dict.get("errors", 0))
 
     def on_load_checkpoint(
@@ -898,38 +903,37 @@ class SharpnessMonitor(Callback):
         if not resumed:
             plan.timing_seconds = seconds
         self._plan = plan
-        rank_zero_info(self._plan_line(plan) + (" (the plan of the run resumed)" if resumed else ""))
+        kept = " (kept from the checkpoint)" if self._plan_restored else " (kept from the previous fit)"
+        line = self._plan_line(plan)
+        rank_zero_info(line[:-1] + kept + "." if resumed else line)
         if not plan.at_start and not plan.at_end:
             rank_zero_warn(f"SharpnessMonitor: {plan.reason}.")
         if plan.at_start and trainer.global_step != self._last_step:
             self._measure(trainer, pl_module, guarded=False)  # an error here stops fit: nothing has trained yet
 
-    def _time_gradient(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any) -> float:
-        """Seconds of one forward and backward pass of the loss on one batch, about a training step's work (the
-        faster of two: the first may pay for warming up)."""
-        loss_fn = self._loss()
+    def _time_gradient(self, pl_module: pl.LightningModule, batch: Any) -> float:
+        """Seconds of one forward and backward pass of the loss on one batch, about a training step's work (timed
+        after the products, which warmed the kernels up)."""
         params = [p for p in pl_module.parameters() if p.requires_grad]
-        best = math.inf
         with measures_module._measuring(pl_module), torch.enable_grad():
-            for _ in range(2):
-                _sync(pl_module.device)
-                start = time.perf_counter()
-                torch.autograd.grad(loss_fn(pl_module, batch), params, allow_unused=True)
-                _sync(pl_module.device)
-                best = min(best, time.perf_counter() - start)
-        return best
+            _sync(pl_module.device)
+            start = time.perf_counter()
+            torch.autograd.grad(self._loss()(pl_module, batch), params, allow_unused=True)
+            _sync(pl_module.device)
+            return time.perf_counter() - start
 
     def _time_products(
-        self, pl_module: pl.LightningModule, batches: Sequence[Any], repeats: int = 1
+        self, pl_module: pl.LightningModule, batches: Sequence[Any], warm_up: bool = False
     ) -> tuple[float, float]:
         """Seconds of building the gradient graphs of ``batches`` and of one Hessian-vector product through them,
-        by the operator the measures use (the same backend choice; a model it cannot handle fails here). The
-        fastest of ``repeats``: the first product of a process pays for warming up double backward."""
+        by the operator the measures use (the same backend choice; a model it cannot handle fails here). With
+        ``warm_up``, the faster of two of each: the first of a process pays for warming the kernels up (twice the
+        time on a CPU ResNet-18)."""
         build = hvp = math.inf
         with measures_module._measuring(pl_module):
             op = measures_module.hessian_operator(pl_module, self._loss(), _Batches(batches))
             v = torch.ones(op.dim, dtype=op.dtype, device=op.device)
-            for _ in range(repeats):
+            for _ in range(2 if warm_up else 1):
                 op.release()
                 _sync(op.device)
                 start = time.perf_counter()
@@ -991,7 +995,7 @@ class SharpnessMonitor(Callback):
 
         def timed(n: int) -> tuple[float, float]:
             if n not in timings:
-                timings[n] = self._time_products(pl_module, _head(batches, n), repeats=1 if timings else 2)
+                timings[n] = self._time_products(pl_module, _head(batches, n), warm_up=not timings)
             return timings[n]
 
         def cost(n: int, options: Mapping[str, dict[str, Any]]) -> float:
@@ -1021,9 +1025,14 @@ class SharpnessMonitor(Callback):
                 scheduled=points,
             )
 
-        step = self._time_gradient(trainer, pl_module, batches[0])
-        train = self._forecast_training(trainer, step, _batch_size(batches[0]))
-        if budget is None or train is None:
+        rungs = [total]
+        while rungs[-1] // 2 >= _MIN_EXAMPLES:
+            rungs.append(rungs[-1] // 2)
+        rungs.reverse()  # ascending: each timing costs little next to the measurements the next one may allow
+        sizing = budget is not None and self._forecast_training(trainer, 1.0, 1) is not None
+        timed(rungs[0] if sizing else total)  # first: it warms the kernels up for the gradient's timing
+        train = self._forecast_training(trainer, self._time_gradient(pl_module, batches[0]), _batch_size(batches[0]))
+        if not sizing or train is None:
             return plan(total, full)
         # Under a budget the Lanczos count is capped at its forecast, so that the forecast bounds the cost.
         sized = {m.tag: m.scaled(full[m.tag], 1.0, dim) for m in self.measures}
@@ -1032,10 +1041,6 @@ class SharpnessMonitor(Callback):
         def left() -> float:  # the budget, less what the forecast has taken so far
             return budget * train - (time.perf_counter() - start)
 
-        rungs = [total]
-        while rungs[-1] // 2 >= _MIN_EXAMPLES:
-            rungs.append(rungs[-1] // 2)
-        rungs.reverse()  # ascending: each timing costs little next to the measurements the next one may allow
         chosen = None
         for n in rungs:
             if cost(n, sized) > left() / min(points, _PLANNED_POINTS):

@@ -101,7 +101,7 @@ def test_ddp_two_processes_match_a_single_process_measurement(tmp_path):
     assert r0["indices"] == r1["indices"] and len(r0["indices"]) == 4
     assert all(torch.equal(a, b) for a, b in zip(r0["weights"].values(), r1["weights"].values()))
     assert r0["history"] == r1["history"]
-    assert [s for s, _ in r0["history"]] == [2, 2]  # fit (every_n_steps=2), then validate at the same step
+    assert [s for s, _ in r0["history"]] == [0, 2, 2]  # fit (at fit start, every_n_steps=2), then validate
 
     # Each process measured its share for linear measures, the whole probe set for the others.
     from tests.test_monitor import Net, ce, data

@@ -230,7 +230,7 @@ class FakeClock:
     def install(self, monkeypatch) -> None:
         clock = self
 
-        def time_products(self, pl_module, batches, repeats=1):
+        def time_products(self, pl_module, batches, warm_up=False):
             n = sum(int(b[0].shape[0]) for b in batches)
             clock.timed.append(n)
             return 0.1 + 0.01 * n, 0.1 + 0.01 * n
