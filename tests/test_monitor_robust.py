@@ -376,7 +376,7 @@ def _ddp_main(out: Path) -> None:
         return ce(model, batch)
 
     measures_ = [TRACE, {"name": "hessian_eigenvalues", "k": 2}]
-    monitor = SharpnessMonitor(measures=measures_, probe_batches=4, every_n_steps=1, loss_fn=loss_fn)
+    monitor = SharpnessMonitor(measures=measures_, probe_batches=4, every_n_steps=1, loss_fn=loss_fn, max_overhead=None)
     trainer = pl.Trainer(
         accelerator="cpu",
         devices=2,
