@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import copy
+import os
+import subprocess
+import sys
+from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
@@ -133,3 +137,15 @@ def double_backward_hessian(model: nn.Module, loss_fn, batch, params=None) -> to
         eye = torch.eye(flat.numel(), dtype=flat.dtype, device=flat.device)
         rows = torch.autograd.grad(flat, params, eye, is_grads_batched=True, allow_unused=True, materialize_grads=True)
     return torch.cat([r.reshape(flat.numel(), -1) for r in rows], dim=1).detach()
+
+
+def run_two_process_script(script: str, out_dir) -> subprocess.CompletedProcess[str]:
+    """Run a test module as a standalone 2-process (gloo) DDP script writing its results under ``out_dir``;
+    asserts it exited cleanly and returns the finished process (its stderr holds the warnings)."""
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1", "PL_DISABLE_FORK": "1"}
+    proc = subprocess.run(
+        [sys.executable, script, str(out_dir)], cwd=root, env=env, capture_output=True, text=True, timeout=240
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc

@@ -6,13 +6,13 @@ measured and which probe batches each measure saw, and the test recomputes every
 
 from __future__ import annotations
 
-import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+
+from tests.helpers import run_two_process_script
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -85,16 +85,7 @@ def _main(out: Path) -> None:
 
 @pytest.mark.slow
 def test_ddp_two_processes_match_a_single_process_measurement(tmp_path):
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "PL_DISABLE_FORK": "1"}
-    proc = subprocess.run(
-        [sys.executable, str(Path(__file__).resolve()), str(tmp_path)],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=240,
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    run_two_process_script(str(Path(__file__).resolve()), tmp_path)
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1))
     assert r0["world_size"] == 2
     # Both processes hold the same probe set, the same weights and the same combined numbers.

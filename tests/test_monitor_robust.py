@@ -7,8 +7,6 @@ The DDP test launches this file as a script (``strategy="ddp"`` re-runs it for r
 
 from __future__ import annotations
 
-import os
-import subprocess
 import sys
 import time
 import warnings
@@ -22,7 +20,7 @@ from torch.utils.data import DataLoader
 from lightning_sharpness import measures
 from lightning_sharpness import monitor as monitor_module
 from lightning_sharpness.monitor import SharpnessMonitor
-from tests.helpers import RecordingLogger
+from tests.helpers import RecordingLogger, run_two_process_script
 from tests.test_monitor import TOP, TRACE, Data, Net, ce, data, loader, make_trainer, probe_batches
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -403,16 +401,7 @@ def _ddp_main(out: Path) -> None:
 
 @pytest.mark.slow
 def test_ddp_every_process_skips_a_measurement_that_failed_on_one(tmp_path):
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "PL_DISABLE_FORK": "1"}
-    proc = subprocess.run(
-        [sys.executable, str(Path(__file__).resolve()), str(tmp_path)],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=240,
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    proc = run_two_process_script(str(Path(__file__).resolve()), tmp_path)
     assert "measurement at step 2 failed" in proc.stderr and "rank 1: out of memory" in proc.stderr
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1))
     assert r0["step"] == r1["step"] == 4

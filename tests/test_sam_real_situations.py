@@ -24,15 +24,20 @@ def sam_gradient(model: nn.Module, x, y, moving: list[nn.Parameter], rho: float)
     """grad L(w + e) for every trainable parameter, e = rho g / ||g|| over ``moving`` only (plain PyTorch)."""
     trainable = [p for p in model.parameters() if p.requires_grad]
     g = torch.autograd.grad(F.cross_entropy(model(x), y), moving)
-    e = reference.ascent(moving, g, rho)
+    out = grads_at_perturbed(model, x, y, moving, reference.ascent(moving, g, rho), trainable)
+    return {id(p): o for p, o in zip(trainable, out)}
+
+
+def grads_at_perturbed(model, x, y, moving, e, wrt) -> tuple[torch.Tensor, ...]:
+    """grad of L(w + e) w.r.t. ``wrt``, with ``e`` added to ``moving`` and taken off again."""
     with torch.no_grad():
         for p, d in zip(moving, e):
             p.add_(d)
-    out = torch.autograd.grad(F.cross_entropy(model(x), y), trainable)
+    out = torch.autograd.grad(F.cross_entropy(model(x), y), wrt)
     with torch.no_grad():
         for p, d in zip(moving, e):
             p.sub_(d)
-    return {id(p): o for p, o in zip(trainable, out)}
+    return out
 
 
 class StepRecorder(Callback):
@@ -411,13 +416,7 @@ def reference_dropout_step(model, optimizer, x, y, rho: float, same_mask: bool) 
     after_first = torch.get_rng_state()
     if same_mask:
         torch.set_rng_state(state)
-    with torch.no_grad():
-        for p, d in zip(params, e):
-            p.add_(d)
-    grads = torch.autograd.grad(F.cross_entropy(model(x), y), params)
-    with torch.no_grad():
-        for p, d in zip(params, e):
-            p.sub_(d)
+    grads = grads_at_perturbed(model, x, y, params, e, params)
     if same_mask:
         torch.set_rng_state(after_first)
     for p, g in zip(params, grads):
