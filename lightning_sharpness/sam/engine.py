@@ -99,6 +99,7 @@ class SAMEngine:
         check_number(eps, "eps", minimum=0)
         self.rho = rho
         self.geometry = resolve_geometry(geometry)
+        self._bound_geometry = self.geometry
         self.normalize = normalize
         self.m = m
         self.perturb_filter = validate_filter(perturb)
@@ -144,7 +145,9 @@ class SAMEngine:
                 f"SAM: no parameter is trainable, held by the optimizer and selected by `perturb="
                 f"{self.perturb_filter!r}` now; until one is, SAM's step is a plain gradient step."
             )
-        self.geometry.bind(module, named)
+        # The geometry bound to these parameters takes the steps (a geometry with structure, the geodesic
+        # one, records the attention heads there); ``None`` from an older geometry means it bound itself.
+        self._bound_geometry = self.geometry.bind(module, named) or self.geometry
         self._params = [p for _, p in named]
         self._trainable = stepped if grads_of == "optimizer" else [p for p in module.parameters() if p.requires_grad]
         self._norm_layers = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._NormBase)]
@@ -167,14 +170,14 @@ class SAMEngine:
         """
         params = [p for p in self._params if p.grad is not None]
         grads = [p.grad for p in params]
-        grad_norm = self.geometry.normalized_step_(
+        grad_norm = self._bound_geometry.normalized_step_(
             params, grads, rho, self.normalize, self.eps, grad_divisor=grad_divisor, reduce_sq_norm=reduce_sq_norm
         )
         if grad_norm is None:
             return None
         with torch.no_grad():
             self._saved = [p.detach().clone() for p in params]
-            self.geometry.retract_(params, grads)
+            self._bound_geometry.retract_(params, grads)
         for p in self._trainable:
             p.grad = None
         self._moved = params

@@ -1,0 +1,81 @@
+"""What every reproduction script shares: mean and spread over seeds, rank correlation, and the results table
+printed to the terminal and written as Markdown under ``docs/results/`` (the README includes those files, so
+no number in it is typed by hand)."""
+
+from __future__ import annotations
+
+import math
+import platform
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+RESULTS_DIR = Path(__file__).resolve().parent.parent / "docs" / "results"
+
+
+def mean_spread(values: Sequence[float]) -> str:
+    """``mean ± std`` (sample std over seeds; ``± 0`` for a single run), with 4 significant digits."""
+    values = [float(v) for v in values]
+    mean = sum(values) / len(values)
+    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else 0.0
+    return f"{mean:.4g} ± {std:.2g}"
+
+
+def kendall_tau(x: Sequence[float], y: Sequence[float]) -> float:
+    """Kendall's tau-b rank correlation of two sequences (ties counted as in scipy's ``kendalltau``)."""
+    from scipy.stats import kendalltau
+
+    return float(kendalltau(list(x), list(y)).statistic)
+
+
+def markdown_table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
+    """A GitHub Markdown table; floats keep 4 significant digits."""
+
+    def cell(value: object) -> str:
+        return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def report(
+    name: str,
+    title: str,
+    header: Sequence[str],
+    rows: Sequence[Sequence[object]],
+    started: float,
+    notes: Sequence[str] = (),
+    quick: bool = False,
+) -> str:
+    """Print the table and write it to ``docs/results/<name>.md`` with the command that made it and its wall
+    time (``--quick`` runs write ``<name>.quick.md``, so that a test never overwrites a full run's table)."""
+    seconds = time.time() - started
+    command = "python examples/" + Path(sys.argv[0]).name + (" " + " ".join(sys.argv[1:]) if sys.argv[1:] else "")
+    text = "\n".join(
+        [
+            f"**{title}**",
+            "",
+            markdown_table(header, rows),
+            "",
+            *notes,
+            *([""] if notes else []),
+            f"Made by `{command}` in {seconds / 60:.1f} min on {_machine()}.",
+            "",
+        ]
+    )
+    print("\n" + text)
+    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    path = RESULTS_DIR / (f"{name}.quick.md" if quick else f"{name}.md")
+    path.write_text(text)
+    print(f"(written to {path})")
+    return text
+
+
+def _machine() -> str:
+    import os
+
+    import torch
+
+    return f"{os.cpu_count()} CPU cores ({platform.machine()}), torch {torch.__version__}, {torch.get_num_threads()} threads"
