@@ -27,6 +27,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from lightning_sharpness.batching import as_list, batch_size
+
 __all__ = [
     "Landscape1D",
     "Landscape2D",
@@ -103,31 +105,13 @@ def _restored(model: nn.Module, params: Sequence[Tensor]) -> Iterator[list[Tenso
                 b.copy_(s)
 
 
-def _as_list(batches: Any) -> list[Any]:
-    if isinstance(batches, (Tensor, tuple, dict)):
-        return [batches]
-    if isinstance(batches, list) and batches and all(isinstance(b, Tensor) for b in batches):
-        return [batches]  # a collated [x, y]
-    return list(batches)
-
-
 def _mean_loss(model: nn.Module, loss_fn: LossFn, batches: list[Any]) -> float:
     total, count = 0.0, 0
     for batch in batches:
-        n = _leading(batch)
+        n = batch_size(batch)
         total += float(loss_fn(model, batch)) * n
         count += n
     return total / count
-
-
-def _leading(batch: Any) -> int:
-    if isinstance(batch, Tensor):
-        return int(batch.shape[0]) if batch.dim() else 1
-    items = batch.values() if isinstance(batch, dict) else batch
-    for item in items:
-        if isinstance(item, (Tensor, list, tuple, dict)):
-            return _leading(item)
-    return 1
 
 
 def _grid(steps: int, span: float) -> np.ndarray:
@@ -141,7 +125,7 @@ def _grid(steps: int, span: float) -> np.ndarray:
 def _evaluate(
     model: nn.Module, loss_fn: LossFn, batches: Any, coords: list[tuple[float, ...]], seed: int
 ) -> np.ndarray:
-    batches = _as_list(batches)
+    batches = as_list(batches)
     if not batches:
         raise ValueError("`batches` is empty.")
     params = _params(model)

@@ -33,6 +33,7 @@ from torch.utils.data import DataLoader, IterableDataset
 
 from lightning_sharpness import measures as measures_module
 from lightning_sharpness._lightning import quiet
+from lightning_sharpness.batching import Batches, batch_size, first_examples, move_to_device
 from lightning_sharpness.measures import _check_positive_int, _check_rho
 
 __all__ = ["SharpnessMonitor", "MeasureSpec"]
@@ -293,31 +294,6 @@ def _positive_float_or_none(name: str, value: Any) -> float | None:
     return float(value)
 
 
-def _batch_size(batch: Any) -> int:
-    if isinstance(batch, Tensor):
-        return int(batch.shape[0]) if batch.dim() else 1
-    if isinstance(batch, Mapping):
-        batch = list(batch.values())
-    if isinstance(batch, (list, tuple)):
-        for item in batch:
-            if isinstance(item, (Tensor, list, tuple, Mapping)):
-                return _batch_size(item)
-    raise ValueError(f"Cannot find a batched tensor in a probe batch of type {type(batch).__name__}.")
-
-
-class _Batches:
-    """A sequence of batches that ``measures`` never mistakes for one batch (it is not a ``list``)."""
-
-    def __init__(self, batches: Sequence[Any]) -> None:
-        self._batches = list(batches)
-
-    def __iter__(self) -> Iterator[Any]:
-        return iter(self._batches)
-
-    def __len__(self) -> int:
-        return len(self._batches)
-
-
 def _extract_loss(output: Any, hook: str) -> Tensor:
     if isinstance(output, Tensor):
         return output
@@ -369,45 +345,6 @@ def _float32(module: nn.Module) -> Iterator[None]:
             t.data = data
             if isinstance(t, nn.Parameter):
                 t.grad = grad
-
-
-def _move(batch: Any, device: torch.device) -> Any:
-    if isinstance(batch, Tensor):
-        return batch.to(device)
-    if isinstance(batch, Mapping):
-        return type(batch)({k: _move(v, device) for k, v in batch.items()})
-    if isinstance(batch, tuple) and hasattr(batch, "_fields"):
-        return type(batch)(*(_move(v, device) for v in batch))
-    if isinstance(batch, (list, tuple)):
-        return type(batch)(_move(v, device) for v in batch)
-    return batch
-
-
-def _cut(batch: Any, size: int, n: int) -> Any:
-    """The first ``n`` examples of a batch of ``size``: every tensor whose leading size is ``size`` is cut."""
-    if isinstance(batch, Tensor):
-        return batch[:n] if batch.dim() and batch.shape[0] == size else batch
-    if isinstance(batch, Mapping):
-        return type(batch)({k: _cut(v, size, n) for k, v in batch.items()})
-    if isinstance(batch, tuple) and hasattr(batch, "_fields"):
-        return type(batch)(*(_cut(v, size, n) for v in batch))
-    if isinstance(batch, (list, tuple)):
-        return type(batch)(_cut(v, size, n) for v in batch)
-    return batch
-
-
-def _head(batches: Sequence[Any], n: int | None) -> list[Any]:
-    """The first ``n`` examples of the probe batches (all of them for ``None``)."""
-    if n is None:
-        return list(batches)
-    out, left = [], n
-    for batch in batches:
-        if left <= 0:
-            break
-        size = _batch_size(batch)
-        out.append(batch if size <= left else _cut(batch, size, left))
-        left -= size
-    return out
 
 
 def _sync(device: torch.device) -> None:
@@ -875,7 +812,7 @@ class SharpnessMonitor(Callback):
         return self._probe
 
     def _device_batches(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batches: Sequence[Any]) -> list:
-        moved = [_move(b, pl_module.device) for b in batches]
+        moved = [move_to_device(b, pl_module.device) for b in batches]
         if not self.fp32:
             moved = [trainer.precision_plugin.convert_input(b) for b in moved]
         return moved
@@ -931,7 +868,7 @@ class SharpnessMonitor(Callback):
         time on a CPU ResNet-18)."""
         build = hvp = math.inf
         with measures_module._measuring(pl_module):
-            op = measures_module.hessian_operator(pl_module, self._loss(), _Batches(batches))
+            op = measures_module.hessian_operator(pl_module, self._loss(), Batches(batches))
             v = torch.ones(op.dim, dtype=op.dtype, device=op.device)
             for _ in range(2 if warm_up else 1):
                 op.release()
@@ -987,7 +924,7 @@ class SharpnessMonitor(Callback):
         products, then only one measurement (the end of training), else none."""
         probe = self._probe_set(trainer, pl_module)
         batches = self._device_batches(trainer, pl_module, probe.batches)
-        total = sum(_batch_size(b) for b in batches)
+        total = sum(batch_size(b) for b in batches)
         dim = sum(p.numel() for p in pl_module.parameters() if p.requires_grad)
         budget = self.budget
         full = {m.tag: dict(m.options) for m in self.measures}
@@ -995,7 +932,7 @@ class SharpnessMonitor(Callback):
 
         def timed(n: int) -> tuple[float, float]:
             if n not in timings:
-                timings[n] = self._time_products(pl_module, _head(batches, n), warm_up=not timings)
+                timings[n] = self._time_products(pl_module, first_examples(batches, n), warm_up=not timings)
             return timings[n]
 
         def cost(n: int, options: Mapping[str, dict[str, Any]]) -> float:
@@ -1031,7 +968,7 @@ class SharpnessMonitor(Callback):
         rungs.reverse()  # ascending: each timing costs little next to the measurements the next one may allow
         sizing = budget is not None and self._forecast_training(trainer, 1.0, 1) is not None
         timed(rungs[0] if sizing else total)  # first: it warms the kernels up for the gradient's timing
-        train = self._forecast_training(trainer, self._time_gradient(pl_module, batches[0]), _batch_size(batches[0]))
+        train = self._forecast_training(trainer, self._time_gradient(pl_module, batches[0]), batch_size(batches[0]))
         if not sizing or train is None:
             return plan(total, full)
         # Under a budget the Lanczos count is capped at its forecast, so that the forecast bounds the cost.
@@ -1271,13 +1208,13 @@ class SharpnessMonitor(Callback):
 
         def prepare() -> list[Any]:
             probe = self._probe_set(trainer, pl_module)
-            return self._device_batches(trainer, pl_module, _head(probe.batches, plan.examples if plan else None))
+            return self._device_batches(trainer, pl_module, first_examples(probe.batches, plan.examples if plan else None))
 
         batches = self._guarded(trainer, pl_module, prepare)
         device = pl_module.device
         world, rank = trainer.world_size, trainer.global_rank
         shard = batches[rank::world]
-        shard_size = sum(_batch_size(b) for b in shard)
+        shard_size = sum(batch_size(b) for b in shard)
         loss_fn = self._loss()
         values: dict[str, float] = {}
         results: dict[str, Any] = {}
@@ -1296,7 +1233,7 @@ class SharpnessMonitor(Callback):
             if world > 1 and m.linear:
                 # Each process measures its share; mean of means weighted by the number of examples.
                 def local(m: _Measure = m, options: dict = options) -> Any:
-                    return m.fn(pl_module, loss_fn, _Batches(shard), **options) if shard else None
+                    return m.fn(pl_module, loss_fn, Batches(shard), **options) if shard else None
 
                 result = self._guarded(trainer, pl_module, local)
                 local_value = 0.0 if result is None else float(result)
@@ -1313,7 +1250,7 @@ class SharpnessMonitor(Callback):
                 result = self._guarded(
                     trainer,
                     pl_module,
-                    lambda m=m, options=options: m.fn(pl_module, loss_fn, _Batches(batches), **options),
+                    lambda m=m, options=options: m.fn(pl_module, loss_fn, Batches(batches), **options),
                 )
                 values[m.tag] = float(result)
                 results[m.tag] = result
@@ -1344,7 +1281,7 @@ class SharpnessMonitor(Callback):
         from lightning_sharpness import landscape
 
         assert self.landscape is not None and self._probe is not None
-        batches = [_move(b, pl_module.device) for b in self._probe.batches]
+        batches = [move_to_device(b, pl_module.device) for b in self._probe.batches]
         loss_fn = self.loss_fn or _step_loss(self._hook())
         cfg = self.landscape
         images = {}

@@ -37,7 +37,7 @@ try:  # torch >= 2.2
 except ImportError:  # pragma: no cover
     SDPBackend = sdpa_kernel = None
 
-from lightning_sharpness.curvature.batches import BATCH_FORMS, as_batches, is_ambiguous
+from lightning_sharpness.batching import BATCH_FORMS, as_batches, is_ambiguous
 
 __all__ = ["HessianOperator", "NonFiniteLossError", "differentiable_attention", "select_named_parameters"]
 
