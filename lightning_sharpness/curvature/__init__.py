@@ -6,6 +6,7 @@ from lightning_sharpness.curvature.lanczos import LanczosResult, lanczos_eigs
 from lightning_sharpness.curvature.operator import HessianOperator, select_named_parameters
 from lightning_sharpness.curvature.protocol import DenseOperator, LinearOperator
 from lightning_sharpness.curvature.trace import TraceEstimate, hutchinson, hutchpp
+from lightning_sharpness.curvature.xtrace import xtrace
 
 __all__ = [
     "HessianOperator",
@@ -16,6 +17,7 @@ __all__ = [
     "LanczosResult",
     "hutchinson",
     "hutchpp",
+    "xtrace",
     "TraceEstimate",
     "diagonal",
     "DiagonalEstimate",
