@@ -1,0 +1,445 @@
+"""m-sharpness without a Python loop over chunks: the per-chunk passes of m-SAM vectorized with ``torch.func``.
+
+m-SAM perturbs each chunk ``c_i`` of ``m`` examples by its own gradient. The engine's loop
+(:func:`~lightning_sharpness.sam.engine.accumulate_sam_gradient`) runs, per chunk, a forward-backward at
+``w`` for ``g_i``, the move to ``w + e_i`` with ``e_i = rho T^2 g_i / (||T g_i|| + eps)``, a forward-backward
+of ``|c_i| / n * L_i(w + e_i)`` and the undo: ``2 n / m`` small passes per step, dominated by per-pass
+overhead when ``m`` is small. Here the same quantities come from two vectorized passes per slice of chunks:
+
+1. ``vmap(grad(L))`` over the chunks at the shared weights ``w``: every ``g_i`` at once (no ``.grad`` touched);
+2. the perturbed weights ``W_i = w + e_i`` stacked along a chunk dimension, ``vmap`` of the loss over
+   ``(W_i, c_i)`` and ONE real backward of ``sum_i |c_i| / n * L_i(W_i)`` through the caller's ``backward``
+   (precision plugin, GradScaler, ``manual_backward``). Since ``W_i = w + e_i`` with ``e_i`` detached, the
+   backward of the broadcast add sums the per-chunk gradients into ``w.grad``: exactly the loop's sum, in
+   the loop's scale, accumulated onto whatever ``.grad`` held (the caller's stash).
+
+Equal to the loop (to float rounding) when the geometry is element-wise (``T`` depends on one weight: the
+standard and adaptive geometries; anything that overrides more than :meth:`Geometry.scale` falls back), and
+when normalization layers are not to be updated by these passes (the callback's case with
+``bn_update="first"``: inside the passes BatchNorm normalizes each chunk by its own batch statistics and its
+running statistics stay bitwise unchanged).
+
+What cannot be vmapped runs the loop instead: :func:`vectorized_msam_gradient` returns ``None`` and warns once
+per module, naming it and the reason. That covers data-dependent control flow, ``.item()``, in-place updates of
+buffers or metrics, random ops (dropout: the loop's random stream cannot be reproduced inside ``vmap``),
+batches with fields that are not tensors, losses that are not one number, and a non-element-wise geometry.
+
+Under a process group of more than one process (DDP, FSDP) it always returns ``None``: its passes call the
+module functionally, never through the DDP wrapper's ``forward``, so DDP's reducer would not expect the
+backward's gradient hooks and would silently skip the all-reduce. The engine keeps the loop there.
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Callable, Mapping, Sequence
+from contextlib import AbstractContextManager, contextmanager, nullcontext
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from lightning.pytorch.utilities.rank_zero import rank_zero_warn
+from torch import Tensor, nn
+from torch.func import functional_call, grad, vmap
+
+from lightning_sharpness.batching import count_examples
+from lightning_sharpness.geometry import Geometry
+from lightning_sharpness.validation import check_flag, check_int, check_number
+
+__all__ = ["ChunkStats", "DEFAULT_MAX_MEMORY", "vectorized_msam_gradient", "vectorizable_geometry"]
+
+#: Bytes of per-chunk parameter-sized tensors one slice of chunks may hold (see ``max_memory``).
+DEFAULT_MAX_MEMORY = 1 << 30
+
+#: The methods a geometry may not override to be vectorized: all its vector operations are then the base
+#: class's element-wise ones, parametrized by :meth:`Geometry.scale` only.
+_ELEMENTWISE_METHODS = ("bind", "dual_sq_norm", "ascent_", "normalized_step_", "retract_")
+
+
+@dataclass
+class ChunkStats:
+    """Per-chunk values of one vectorized m-SAM step, in chunk order (the short last chunk last).
+
+    ``losses``: ``L_i(w)``; ``perturbed_losses``: ``L_i(w + e_i)``; ``grad_norms``: ``||T g_i||`` (unscaled:
+    ``grad_divisor`` is divided out); ``weights``: ``|c_i| / n``.
+    """
+
+    losses: Tensor
+    perturbed_losses: Tensor
+    grad_norms: Tensor
+    weights: Tensor
+
+    @property
+    def loss(self) -> Tensor:
+        """``sum_i |c_i| / n * L_i(w)``: the batch loss at ``w``, as the loop's ``SAMStepStats.loss``."""
+        return (self.losses * self.weights).sum()
+
+    @property
+    def perturbed_loss(self) -> Tensor:
+        """``sum_i |c_i| / n * L_i(w + e_i)``, as the loop's ``SAMStepStats.perturbed_loss``."""
+        return (self.perturbed_losses * self.weights).sum()
+
+    @property
+    def grad_norm(self) -> Tensor:
+        """The last chunk's ``||T g||``: what the loop's ``SAMStepStats.grad_norm`` holds after its last chunk."""
+        return self.grad_norms[-1]
+
+
+class _CannotVectorize(Exception):
+    """A reason, found before any gradient was written, to run the loop instead."""
+
+
+def vectorizable_geometry(geometry: Geometry) -> bool:
+    """Whether ``geometry`` is element-wise: it overrides none of the vector methods, only ``scale``."""
+    cls = type(geometry)
+    return all(getattr(cls, name) is getattr(Geometry, name) for name in _ELEMENTWISE_METHODS)
+
+
+def vectorized_msam_gradient(
+    module: nn.Module,
+    loss_of_chunk: Callable[[nn.Module, Any], Tensor],
+    batch: Any,
+    m: int,
+    rho: float,
+    geometry: Geometry,
+    params: Sequence[nn.Parameter],
+    backward: Callable[[Tensor], None],
+    normalize: bool = True,
+    eps: float = 1e-12,
+    grad_divisor: float = 1.0,
+    norm_stats_frozen: bool = True,
+    max_memory: int = DEFAULT_MAX_MEMORY,
+    pass_context: Callable[[], AbstractContextManager] = nullcontext,
+) -> ChunkStats | None:
+    """Add the m-SAM gradient of ``batch`` to ``.grad`` with two vectorized passes per slice of chunks, or return
+    ``None``, having written nothing, when the loop must do it.
+
+    Adds ``grad_divisor * sum_i |c_i| / n * grad L_i(w + e_i)`` to the ``.grad`` of every parameter the loss
+    reaches (``backward`` accumulates, as in the loop), where ``c_i`` are the chunks of ``m`` consecutive
+    examples (a last, shorter chunk weighs less) and ``e_i = rho T^2 g_i / (||T g_i|| + eps)``
+    (``normalize=False``: ``rho T^2 g_i``) moves ``params`` only. The weights are never modified.
+
+    Args:
+        module: the module whose parameters the loss uses (the LightningModule in the callback).
+        loss_of_chunk: ``(module, chunk) -> 0-dim loss``. It may ignore its first argument and reach the
+            module another way (``trainer.strategy.training_step``): the parameters are swapped on the module
+            object itself for the duration of each pass.
+        batch: the batch, a nest of dicts, tuples and lists whose per-example fields are tensors.
+        m: chunk size, an int >= 1.
+        rho: the radius; ``geometry``, ``normalize``, ``eps``: the engine's (its bound geometry).
+        params: the perturbed parameters (``SAMEngine._params``), parameters of ``module``.
+        backward: back-propagates a loss as the loop's ``backward`` does: ``.grad += grad_divisor * dloss/dw``.
+        grad_divisor: the scale of ``backward`` (a GradScaler's scale over the accumulation steps): the pass at
+            ``w`` is scaled the same way, so fp16 gradients underflow exactly where the loop's would.
+        norm_stats_frozen: ``True`` when the loop would leave normalization running statistics unchanged (the
+            callback with ``bn_update="first"``). ``False`` (the loop's passes update them chunk by chunk:
+            the mixin, ``bn_update="both"``) falls back when a normalization layer tracks statistics.
+        max_memory: bytes of per-chunk parameter-sized tensors (gradient, step, perturbed weights and their
+            gradient: four copies of ``params`` per chunk) held at once; chunks are processed in slices that
+            fit. Activations of a slice are those of at most one batch, as in a plain step.
+        pass_context: entered around every vectorized pass (the caller's logging mute).
+
+    Returns:
+        The per-chunk statistics, or ``None`` when the step must run the loop (warned once per module
+        and reason, except a non-finite gradient, which is a property of the step rather than of the module).
+
+    Raises:
+        ValueError: naming the argument, for ``m`` or ``max_memory`` not an int >= 1, ``rho`` or ``eps`` not a
+            finite number >= 0, ``grad_divisor`` not a finite number > 0, ``normalize`` or
+            ``norm_stats_frozen`` not a bool.
+    """
+    check_int(m, "m")
+    check_number(rho, "rho", minimum=0)
+    check_number(eps, "eps", minimum=0)
+    check_number(grad_divisor, "grad_divisor", minimum=0, strict=True)
+    check_flag(normalize, "normalize")
+    check_flag(norm_stats_frozen, "norm_stats_frozen")
+    check_int(max_memory, "max_memory")
+    try:
+        plan = _plan(module, loss_of_chunk, batch, m, geometry, params, norm_stats_frozen)
+    except _CannotVectorize as why:
+        _refuse(module, str(why))
+        return None
+    if plan.signature in _refused_signatures(module):
+        return None
+    slices = list(plan.slices(max_memory))
+    # One slice: its pass at w runs before anything is written. Several: the gradients are copied first (one
+    # copy of the trainable parameters), so that a failure in a later slice can still hand the step, untouched,
+    # to the loop.
+    saved = _save_grads(module) if len(slices) > 1 else None
+    results = []
+    with _batch_statistics_only(module):
+        for chunks, weights in slices:
+            try:
+                g, losses, norms = _first_pass(plan, chunks, grad_divisor, pass_context)
+                steps = _ascent_steps(plan, g, norms, rho, normalize, eps, grad_divisor)
+                total, perturbed = _perturbed_losses(plan, chunks, steps, weights, pass_context)
+            except _NonFinite:
+                _restore_grads(saved)
+                return None  # the loop handles an overflowing step (a GradScaler backs off): nothing to remember
+            except Exception as err:  # noqa: BLE001 - a failure under vmap means: run the loop (it raises real errors)
+                _restore_grads(saved)
+                _refused_signatures(module).add(plan.signature)
+                _refuse(module, f"{type(err).__name__}: {_first_line(err)}")
+                return None
+            del g, steps
+            backward(total)
+            del total
+            results.append((losses, perturbed, norms, weights))
+    losses, perturbed, norms, weights = (torch.cat(column) for column in zip(*results))
+    return ChunkStats(losses=losses, perturbed_losses=perturbed, grad_norms=norms, weights=weights.to(losses))
+
+
+def _save_grads(module: nn.Module) -> list[tuple[nn.Parameter, Tensor | None]]:
+    return [(p, None if p.grad is None else p.grad.clone()) for p in module.parameters() if p.requires_grad]
+
+
+def _restore_grads(saved: list[tuple[nn.Parameter, Tensor | None]] | None) -> None:
+    for p, g in saved or []:
+        p.grad = g
+
+
+# ---------------------------------------------------------------- what is vectorized, and how it is cut
+class _Plan:
+    """The chunks of one batch stacked along a leading chunk dimension, and the functional loss of one chunk."""
+
+    def __init__(self, module, loss_of_chunk, leaves, rebuild, n, m, geometry, names, params) -> None:
+        self.call = _ChunkLoss(module, loss_of_chunk, rebuild)
+        self.names = ["module." + name for name in names]  # as the wrapper _ChunkLoss names them
+        self.params = list(params)
+        self.scales = [geometry.scale(p) for p in self.params]
+        self.full = n // m
+        self.m = m
+        self.n = n
+        short = n - self.full * m
+        # Full chunks: a view [K, m, ...] of each per-example field; a short last chunk is its own group [1, r, ...].
+        self.groups = []
+        if self.full:
+            self.groups.append([leaf[: self.full * m].reshape(self.full, m, *leaf.shape[1:]) for leaf in leaves])
+        if short:
+            self.groups.append([leaf[self.full * m :].unsqueeze(0) for leaf in leaves])
+        shapes = tuple(tuple(leaf.shape) for group in self.groups for leaf in group)
+        self.signature = (shapes, tuple(self.names))
+        self.param_bytes = sum(p.numel() * p.element_size() for p in self.params)
+
+    def slices(self, max_memory: int):
+        """``(chunks, weights)`` per slice: at most ``max_memory // (4 * param bytes)`` chunks, one group each."""
+        per_slice = max(1, max_memory // max(1, 4 * self.param_bytes))
+        for group in self.groups:
+            count, size = group[0].shape[0], group[0].shape[1]
+            for start in range(0, count, per_slice):
+                stop = min(start + per_slice, count)
+                weights = torch.full((stop - start,), size / self.n)
+                yield [leaf[start:stop] for leaf in group], weights
+
+
+class _ChunkLoss(nn.Module):
+    """``forward(chunk leaves) = loss_of_chunk(module, chunk)``: a module so that ``functional_call`` swaps
+    ``module``'s parameters (on the module object itself) for the duration of the call."""
+
+    def __init__(self, module: nn.Module, loss_of_chunk: Callable, rebuild: Callable) -> None:
+        super().__init__()
+        self.module = module
+        self._loss_of_chunk = loss_of_chunk
+        self._rebuild = rebuild
+
+    def forward(self, leaves: list[Tensor]) -> Tensor:
+        loss = self._loss_of_chunk(self.module, self._rebuild(leaves))
+        if not isinstance(loss, Tensor) or loss.numel() != 1:
+            raise _CannotVectorize(f"the loss of a chunk is {_describe(loss)}, not a single number")
+        return loss.reshape(())
+
+
+def _plan(module, loss_of_chunk, batch, m, geometry, params, norm_stats_frozen) -> _Plan:
+    """Everything that can be checked before a pass: raises ``_CannotVectorize`` with the reason."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        if torch.distributed.get_world_size() > 1:
+            raise _CannotVectorize(
+                "several processes (DDP/FSDP): the vectorized passes bypass the DDP wrapper's forward, so its "
+                "reducer would not all-reduce their gradient"
+            )
+    if not vectorizable_geometry(geometry):
+        raise _CannotVectorize(f"the geometry {geometry!r} is not element-wise")
+    if not norm_stats_frozen:
+        tracking = [name for name, layer in module.named_modules() if _tracks_stats(layer)]
+        if tracking:
+            raise _CannotVectorize(
+                f"normalization layer {tracking[0]!r} would update its running statistics chunk by chunk"
+            )
+    others = [
+        name
+        for name, layer in module.named_modules()
+        if isinstance(layer, nn.modules.batchnorm._NormBase)
+        and not isinstance(layer, nn.modules.batchnorm._BatchNorm)
+        and layer.training
+        and layer.track_running_stats
+    ]
+    if others:
+        raise _CannotVectorize(f"normalization layer {others[0]!r} tracks running statistics in training mode")
+    named = {id(p): name for name, p in module.named_parameters()}
+    missing = [p for p in params if id(p) not in named]
+    if missing:
+        raise _CannotVectorize("a perturbed parameter is not a parameter of the module")
+    if not params:
+        raise _CannotVectorize("no parameter is perturbed")
+    leaves, rebuild = _tensor_leaves(batch)
+    n = count_examples(batch)
+    return _Plan(module, loss_of_chunk, leaves, rebuild, n, m, geometry, [named[id(p)] for p in params], params)
+
+
+def _tracks_stats(layer: nn.Module) -> bool:
+    return isinstance(layer, nn.modules.batchnorm._NormBase) and layer.training and layer.track_running_stats
+
+
+def _tensor_leaves(batch: Any, path: str = "batch") -> tuple[list[Tensor], Callable[[list], Any]]:
+    """The per-example tensors of ``batch`` and a function that rebuilds the batch from replacements of them.
+
+    0-dim tensors and values that are not sequences are kept as they are (shared by every chunk, as in
+    :func:`~lightning_sharpness.batching.split_examples`); any other per-example field cannot be vmapped.
+    """
+    if isinstance(batch, Tensor):
+        if batch.ndim == 0:
+            return [], lambda leaves: batch
+        return [batch], lambda leaves: leaves[0]
+    if isinstance(batch, Mapping):
+        if type(batch) is not dict and not _rebuilds_from_dict(batch):
+            raise _CannotVectorize(f"{path} is a {type(batch).__name__}, which cannot be rebuilt from a dict")
+        parts = [(key, *_tensor_leaves(value, f"{path}[{key!r}]")) for key, value in batch.items()]
+        kind = type(batch)
+        return _join(parts, lambda items: kind(dict(items)) if kind is not dict else dict(items))
+    if isinstance(batch, tuple) and hasattr(batch, "_fields"):
+        parts = [(i, *_tensor_leaves(value, f"{path}[{i}]")) for i, value in enumerate(batch)]
+        kind = type(batch)
+        return _join(parts, lambda items: kind(*(v for _, v in items)))
+    if isinstance(batch, (list, tuple)):
+        if batch and not any(isinstance(item, (Tensor, Mapping, list, tuple)) for item in batch):
+            raise _CannotVectorize(f"{path} is a list of {type(batch[0]).__name__} values, not a tensor")
+        parts = [(i, *_tensor_leaves(value, f"{path}[{i}]")) for i, value in enumerate(batch)]
+        kind = type(batch)
+        return _join(parts, lambda items: kind(v for _, v in items))
+    if hasattr(batch, "__len__") and hasattr(batch, "shape"):  # a NumPy array or another array type
+        raise _CannotVectorize(f"{path} is a {type(batch).__name__}, not a tensor")
+    return [], lambda leaves: batch
+
+
+def _join(parts, build):
+    """Concatenate the leaves of ``parts`` ``(key, leaves, rebuild)`` and rebuild each part from its share."""
+    counts = [len(leaves) for _, leaves, _ in parts]
+    leaves = [leaf for _, part_leaves, _ in parts for leaf in part_leaves]
+
+    def rebuild(new_leaves: list) -> Any:
+        items, start = [], 0
+        for (key, _, part_rebuild), count in zip(parts, counts):
+            items.append((key, part_rebuild(new_leaves[start : start + count])))
+            start += count
+        return build(items)
+
+    return leaves, rebuild
+
+
+def _rebuilds_from_dict(mapping: Mapping) -> bool:
+    try:
+        return type(mapping)(dict(mapping)) is not None
+    except TypeError:
+        return False
+
+
+# ---------------------------------------------------------------- the passes
+class _NonFinite(Exception):
+    """A chunk's ``||T g||`` is not finite: the loop keeps that gradient in the sum; leave the step to it."""
+
+
+def _first_pass(plan: _Plan, chunks: list[Tensor], grad_divisor: float, pass_context: Callable):
+    """Per-chunk gradients at ``w`` of the perturbed parameters (scaled by ``grad_divisor``), losses, norms."""
+    weights = {name: p.detach() for name, p in zip(plan.names, plan.params)}
+
+    def scaled_loss(params: dict[str, Tensor], leaves: list[Tensor]) -> tuple[Tensor, Tensor]:
+        loss = functional_call(plan.call, params, (leaves,))
+        return loss * grad_divisor, loss.detach()
+
+    # no_grad: no graph at the outer level for the parameters left on the module; grad() ignores it inside.
+    with torch.no_grad(), pass_context():
+        grads, losses = vmap(grad(scaled_loss, has_aux=True), in_dims=(None, 0), randomness="error")(weights, chunks)
+    g = [grads[name] for name in plan.names]
+    sq_norm = sum(_per_chunk_sq(gi, t) for gi, t in zip(g, plan.scales))
+    norms = sq_norm.sqrt() / grad_divisor
+    if not bool(torch.isfinite(norms).all()):
+        raise _NonFinite
+    return g, losses, norms
+
+
+def _per_chunk_sq(g: Tensor, scale: Tensor | None) -> Tensor:
+    """``||T g_i||^2`` per chunk, in fp32 like :meth:`Geometry.dual_sq_norm`."""
+    tg = g if scale is None else g * scale
+    return tg.float().pow(2).flatten(1).sum(1)
+
+
+def _ascent_steps(plan, g, norms, rho, normalize, eps, grad_divisor) -> list[Tensor]:
+    """``e_i = coefficient_i T^2 g_i``, the loop's ``normalized_step_`` one chunk per row, in place on ``g``."""
+    coefficient = (rho / (norms + eps) if normalize else torch.full_like(norms, rho)) / grad_divisor
+    steps = []
+    for gi, t in zip(g, plan.scales):
+        if t is not None:
+            gi.mul_(t).mul_(t)
+        steps.append(gi.mul_(coefficient.to(gi.dtype).view(-1, *([1] * (gi.ndim - 1)))))
+    return steps
+
+
+def _perturbed_losses(plan, chunks, steps, weights, pass_context) -> tuple[Tensor, Tensor]:
+    """``sum_i weight_i L_i(w + e_i)`` with its graph, and the ``L_i(w + e_i)``. Its backward sums the
+    per-chunk gradients into ``w.grad`` (the broadcast add ``w + e_i`` sums over the chunk dimension)."""
+
+    def chunk_loss(params: dict[str, Tensor], leaves: list[Tensor]) -> Tensor:
+        return functional_call(plan.call, params, (leaves,))
+
+    with torch.enable_grad(), pass_context():
+        moved = {name: p.unsqueeze(0) + e for name, p, e in zip(plan.names, plan.params, steps)}
+        losses = vmap(chunk_loss, in_dims=(0, 0), randomness="error")(moved, chunks)
+        total = (losses * weights.to(losses)).sum()
+    return total, losses.detach()
+
+
+@contextmanager
+def _batch_statistics_only(module: nn.Module):
+    """BatchNorm in training mode normalizes by the batch (here: each chunk's) statistics and leaves its running
+    statistics and counter untouched while ``track_running_stats`` is off; put the flag back afterwards."""
+    layers = [layer for layer in module.modules() if _tracks_stats(layer)]
+    for layer in layers:
+        layer.track_running_stats = False
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer.track_running_stats = True
+
+
+# ---------------------------------------------------------------- falling back, said once
+_REFUSED: weakref.WeakKeyDictionary[nn.Module, set] = weakref.WeakKeyDictionary()
+_WARNED: weakref.WeakKeyDictionary[nn.Module, set] = weakref.WeakKeyDictionary()
+
+
+def _refused_signatures(module: nn.Module) -> set:
+    """Batch layouts that failed under ``vmap`` for ``module``: not tried again (a failure costs a pass)."""
+    return _REFUSED.setdefault(module, set())
+
+
+def _refuse(module: nn.Module, reason: str) -> None:
+    warned = _WARNED.setdefault(module, set())
+    if reason in warned:
+        return
+    warned.add(reason)
+    rank_zero_warn(
+        f"m-SAM runs the per-chunk passes of {type(module).__name__} one chunk at a time: they cannot be "
+        f"vectorized ({reason})."
+    )
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return text[0] if text else "no message"
+
+
+def _describe(value: Any) -> str:
+    if isinstance(value, Tensor):
+        return f"a tensor of shape {tuple(value.shape)}"
+    return f"a {type(value).__name__}"

@@ -1,0 +1,279 @@
+"""The vectorized m-SAM gradient against the engine's per-chunk loop (ground truth: accumulate_sam_gradient with a
+plain loss and backward, as the callback drives it), and its fallbacks."""
+
+from __future__ import annotations
+
+import copy
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lightning_sharpness.geometry import AdaptiveGeometry, Geometry, StandardGeometry
+from lightning_sharpness.sam.engine import SAMEngine, accumulate_sam_gradient
+from lightning_sharpness.sam.vectorized import vectorizable_geometry, vectorized_msam_gradient
+from tests.helpers import classification_data, cnn_bn, mlp
+from tests.reference import norm_buffers
+
+
+def cross_entropy(module: nn.Module, chunk) -> torch.Tensor:
+    x, y = chunk
+    return F.cross_entropy(module(x), y)
+
+
+def loop_result(model, batch, m, rho, geometry, normalize, loss=cross_entropy):
+    """The callback's path: the ordinary pass (it updates BatchNorm statistics), then the engine's loop."""
+    engine = SAMEngine(rho=rho, geometry=geometry, normalize=normalize, m=m)
+    engine.follow(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    stash = engine.take_grads()
+    loss(model, batch).backward()
+    stats = accumulate_sam_gradient(
+        engine, batch, lambda chunk: loss(model, chunk), lambda value: value.backward(), rho, 1.0, stash, True
+    )
+    return [p.grad.clone() for p in model.parameters()], stats
+
+
+def vectorized_result(model, batch, m, rho, geometry, normalize, loss=cross_entropy, **kwargs):
+    """The same step with the loop replaced: the ordinary pass, then the vectorized passes."""
+    loss(model, batch).backward()  # only for the running statistics: its gradient is not the chunks'
+    model.zero_grad(set_to_none=True)
+    before = [b.clone() for b in norm_buffers(model)]
+    stats = vectorized_msam_gradient(
+        model, loss, batch, m, rho, geometry, list(model.parameters()), lambda v: v.backward(), normalize, **kwargs
+    )
+    for b, saved in zip(norm_buffers(model), before):
+        assert torch.equal(b, saved), "the vectorized passes changed a running statistic"
+    if stats is None:
+        return None, None
+    return [p.grad.clone() for p in model.parameters()], stats
+
+
+def assert_same(loop, vectorized, loop_stats, stats):
+    for a, b in zip(loop, vectorized):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(stats.loss, loop_stats.loss, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(stats.perturbed_loss, loop_stats.perturbed_loss, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(stats.grad_norm, loop_stats.grad_norm, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("network", ["mlp", "cnn_bn"])
+@pytest.mark.parametrize("m", [1, 4, 16])
+@pytest.mark.parametrize("geometry", ["standard", "adaptive"])
+def test_equals_the_loop(network, m, geometry):
+    n = 38  # m = 4 and 16 leave a short last chunk (2 and 6 examples); m = 1: 38 chunks of one
+    x, y = classification_data(n=n, image=network == "cnn_bn")
+    model = mlp() if network == "mlp" else cnn_bn()
+    geometry_object = StandardGeometry() if geometry == "standard" else AdaptiveGeometry(0.01)
+    rho = 0.05 if geometry == "standard" else 0.5
+    twin = copy.deepcopy(model)
+    loop, loop_stats = loop_result(model, (x, y), m, rho, geometry_object, True)
+    vectorized, stats = vectorized_result(twin, (x, y), m, rho, geometry_object, True)
+    assert stats is not None
+    assert stats.losses.shape == (-(-n // m),)
+    assert_same(loop, vectorized, loop_stats, stats)
+    for a, b in zip(norm_buffers(model), norm_buffers(twin)):
+        assert torch.equal(a, b)  # both as the ordinary pass left them
+    for a, b in zip(model.parameters(), twin.parameters()):
+        assert torch.equal(a, b)  # the weights are never moved
+
+
+@pytest.mark.parametrize("geometry", ["standard", "adaptive"])
+def test_unnormalized_equals_the_loop(geometry):
+    x, y = classification_data(n=20, image=True)
+    model = cnn_bn()
+    geometry_object = StandardGeometry() if geometry == "standard" else AdaptiveGeometry(0.01)
+    twin = copy.deepcopy(model)
+    loop, loop_stats = loop_result(model, (x, y), 4, 0.05, geometry_object, False)
+    vectorized, stats = vectorized_result(twin, (x, y), 4, 0.05, geometry_object, False)
+    assert_same(loop, vectorized, loop_stats, stats)
+
+
+def test_slices_under_a_memory_cap_equal_one_slice():
+    x, y = classification_data(n=30, image=True)
+    model = cnn_bn()
+    twin = copy.deepcopy(model)
+    param_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    loop, loop_stats = loop_result(model, (x, y), 4, 0.05, StandardGeometry(), True)
+    # room for 2 chunks at a time: 7 full chunks in 4 slices, then the short one
+    vectorized, stats = vectorized_result(twin, (x, y), 4, 0.05, StandardGeometry(), True, max_memory=8 * param_bytes)
+    assert_same(loop, vectorized, loop_stats, stats)
+
+
+def test_accumulates_onto_existing_gradients_and_scales_like_backward():
+    """``.grad`` holds a stash (earlier micro-batches); backward scales by ``grad_divisor`` (a GradScaler's scale
+    over the accumulation steps): the sum is the loop's, in the loop's scale."""
+    x, y = classification_data(n=16)
+    model = mlp()
+    twin = copy.deepcopy(model)
+    divisor = 1024.0
+    stash = [torch.full_like(p, 0.5) for p in model.parameters()]
+    engine = SAMEngine(rho=0.05, m=4)
+    engine.follow(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    accumulate_sam_gradient(
+        engine, (x, y), lambda c: cross_entropy(model, c), lambda v: (v * divisor).backward(), 0.05, divisor,
+        [s.clone() for s in stash], False,
+    )  # fmt: skip
+    for p, s in zip(twin.parameters(), stash):
+        p.grad = s.clone()
+    stats = vectorized_msam_gradient(
+        twin, cross_entropy, (x, y), 4, 0.05, StandardGeometry(), list(twin.parameters()),
+        lambda v: (v * divisor).backward(), grad_divisor=divisor,
+    )  # fmt: skip
+    assert stats is not None
+    for a, b in zip(model.parameters(), twin.parameters()):
+        torch.testing.assert_close(b.grad, a.grad, rtol=1e-5, atol=1e-4)
+    assert stats.grad_norms.min() < 10  # unscaled: the divisor is divided out
+
+
+def test_only_the_perturbed_parameters_move():
+    """SAM-ON-like: only the last layer is perturbed; every trainable parameter still gets the perturbed gradient."""
+    x, y = classification_data(n=24)
+    model = mlp()
+    twin = copy.deepcopy(model)
+    engine = SAMEngine(rho=0.1, m=8, perturb=lambda name, p: name.startswith("4."))
+    engine.follow(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    engine.take_grads()
+    cross_entropy(model, (x, y)).backward()
+    loop_stats = accumulate_sam_gradient(
+        engine, (x, y), lambda c: cross_entropy(model, c), lambda v: v.backward(), 0.1, 1.0,
+        [None] * 6, True,
+    )  # fmt: skip
+    selected = [p for name, p in twin.named_parameters() if name.startswith("4.")]
+    stats = vectorized_msam_gradient(twin, cross_entropy, (x, y), 8, 0.1, Geometry(), selected, lambda v: v.backward())
+    for a, b in zip(model.parameters(), twin.parameters()):
+        torch.testing.assert_close(b.grad, a.grad, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(stats.perturbed_loss, loop_stats.perturbed_loss, rtol=1e-5, atol=1e-6)
+
+
+def test_batch_of_dicts_with_shared_values():
+    x, y = classification_data(n=12)
+    model = mlp()
+    twin = copy.deepcopy(model)
+
+    def loss(module, chunk):
+        return F.cross_entropy(module(chunk["x"]), chunk["y"]) * chunk["weight"] * chunk["factor"]
+
+    batch = {"x": x, "y": y, "weight": torch.tensor(2.0), "factor": 0.5}
+    loop, loop_stats = loop_result(model, batch, 4, 0.05, StandardGeometry(), True, loss)
+    vectorized, stats = vectorized_result(twin, batch, 4, 0.05, StandardGeometry(), True, loss)
+    assert_same(loop, vectorized, loop_stats, stats)
+
+
+# ---------------------------------------------------------------- falling back
+class ItemInForward(nn.Module):
+    """A data-dependent branch through ``.item()``: cannot run under vmap."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = mlp()
+
+    def forward(self, x):
+        out = self.net(x)
+        return out * 2 if out.mean().item() > 1e9 else out
+
+
+def test_item_in_forward_warns_once_and_leaves_the_step_to_the_loop():
+    x, y = classification_data(n=16)
+    model = ItemInForward()
+    twin = copy.deepcopy(model)
+    loop, loop_stats = loop_result(model, (x, y), 4, 0.05, StandardGeometry(), True)
+    for p in twin.parameters():
+        p.grad = torch.ones_like(p)
+    with pytest.warns(UserWarning, match=r"ItemInForward.*cannot be vectorized.*item"):
+        assert vectorized_msam_gradient(
+            twin, cross_entropy, (x, y), 4, 0.05, StandardGeometry(), list(twin.parameters()), lambda v: v.backward()
+        ) is None
+    assert all(torch.equal(p.grad, torch.ones_like(p)) for p in twin.parameters())  # nothing written
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # said once
+        assert vectorized_msam_gradient(
+            twin, cross_entropy, (x, y), 4, 0.05, StandardGeometry(), list(twin.parameters()), lambda v: v.backward()
+        ) is None
+    # what the engine then does: its loop, which is the ground truth itself
+    twin.zero_grad(set_to_none=True)
+    fallback, fallback_stats = loop_result(twin, (x, y), 4, 0.05, StandardGeometry(), True)
+    assert_same(loop, fallback, loop_stats, fallback_stats)
+
+
+def test_failure_in_a_later_slice_restores_the_gradients():
+    """The first slice's backward has written ``.grad`` when the short last chunk (1 example, BatchNorm) fails:
+    the gradients go back to what they were and the step is the loop's."""
+    x, y = classification_data(n=9)
+    model = nn.Sequential(nn.Linear(8, 6), nn.BatchNorm1d(6), nn.Tanh(), nn.Linear(6, 3))
+    for p in model.parameters():
+        p.grad = torch.full_like(p, 0.25)
+    with pytest.warns(UserWarning, match="cannot be vectorized"):
+        stats = vectorized_msam_gradient(
+            model, cross_entropy, (x, y), 4, 0.05, StandardGeometry(), list(model.parameters()), lambda v: v.backward()
+        )
+    assert stats is None
+    assert all(torch.equal(p.grad, torch.full_like(p, 0.25)) for p in model.parameters())
+
+
+def test_refusals_before_any_pass():
+    x, y = classification_data(n=8)
+    model = mlp()
+    params = list(model.parameters())
+
+    class Curved(Geometry):
+        def retract_(self, params, steps):
+            super().retract_(params, steps)
+
+    assert vectorizable_geometry(AdaptiveGeometry()) and not vectorizable_geometry(Curved())
+    cases = [
+        ((model, cross_entropy, (x, y), 4, 0.05, Curved(), params), {}, "not element-wise"),
+        ((model, cross_entropy, (x, ["a"] * 8), 4, 0.05, Geometry(), params), {}, "list of str"),
+        ((model, lambda mod, c: mod(c[0]), (x, y), 4, 0.05, Geometry(), params), {}, "not a single number"),
+        ((cnn_bn(), cross_entropy, (x, y), 4, 0.05, Geometry(), params), {}, "not a parameter of the module"),
+    ]
+    for args, kwargs, reason in cases:
+        with pytest.warns(UserWarning, match=reason):
+            assert vectorized_msam_gradient(*args, lambda v: v.backward(), **kwargs) is None
+    bn = cnn_bn()
+    with pytest.warns(UserWarning, match="running statistics chunk by chunk"):
+        xi, yi = classification_data(n=8, image=True)
+        result = vectorized_msam_gradient(
+            bn, cross_entropy, (xi, yi), 4, 0.05, Geometry(), list(bn.parameters()), lambda v: v.backward(),
+            norm_stats_frozen=False,
+        )  # fmt: skip
+        assert result is None
+
+
+def test_dropout_falls_back():
+    x, y = classification_data(n=8)
+    model = nn.Sequential(nn.Linear(8, 8), nn.Dropout(0.5), nn.Linear(8, 3))
+    with pytest.warns(UserWarning, match="cannot be vectorized.*random"):
+        assert vectorized_msam_gradient(
+            model, cross_entropy, (x, y), 4, 0.05, Geometry(), list(model.parameters()), lambda v: v.backward()
+        ) is None
+
+
+def test_non_finite_gradient_leaves_the_step_to_the_loop_without_a_warning():
+    x, y = classification_data(n=8)
+    x[0, 0] = float("inf")
+    model = mlp()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert vectorized_msam_gradient(
+            model, cross_entropy, (x, y), 4, 0.05, Geometry(), list(model.parameters()), lambda v: v.backward()
+        ) is None
+    assert all(p.grad is None for p in model.parameters())
+
+
+@pytest.mark.parametrize(
+    ("argument", "value", "message"),
+    [("m", 0, "`m` must be an int >= 1"), ("rho", -1.0, "`rho`"), ("grad_divisor", 0.0, "`grad_divisor`"),
+     ("max_memory", 0, "`max_memory`"), ("normalize", 1, "`normalize`")],
+)  # fmt: skip
+def test_bad_arguments_name_themselves(argument, value, message):
+    x, y = classification_data(n=8)
+    model = mlp()
+    kwargs = dict(
+        module=model, loss_of_chunk=cross_entropy, batch=(x, y), m=4, rho=0.05, geometry=Geometry(),
+        params=list(model.parameters()), backward=lambda v: v.backward(),
+    )  # fmt: skip
+    kwargs[argument] = value
+    with pytest.raises(ValueError, match=message):
+        vectorized_msam_gradient(**kwargs)
