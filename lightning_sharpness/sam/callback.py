@@ -41,7 +41,13 @@ from lightning_sharpness.sam.engine import (
     loss_scale,
 )
 from lightning_sharpness.sam.rng import RNGState
-from lightning_sharpness.sam.stepping import diagnostics, refuse_closure_optimizer, skip_if_not_finite
+from lightning_sharpness.sam.stepping import (
+    average_over_processes,
+    diagnostics,
+    refuse_closure_optimizer,
+    skip_if_not_finite,
+)
+from lightning_sharpness.sam.variants import SAMVariant
 from lightning_sharpness.selection import ParameterFilter
 from lightning_sharpness.validation import check_flag, check_int
 
@@ -76,6 +82,8 @@ class SAM(Callback):
             (``L(w + e) - L(w)``) and ``sam/skipped_steps`` on the steps the Trainer logs
             (``Trainer(log_every_n_steps=...)``, 50 by default: a run shorter than that logs nothing).
         prog_bar: also show ``sam/sharpness_gap`` in the progress bar.
+        variant: a :class:`~lightning_sharpness.sam.variants.SAMVariant` (the classes :class:`GSAM`,
+            :class:`WSAM`, :class:`FriendlySAM` and :class:`LookSAM` set it); ``None`` is SAM.
 
     The parameters perturbed are those the optimizer steps, that require a gradient and that ``perturb``
     selects, re-read at every step (parameters unfrozen during fit join from the step they are trainable).
@@ -103,6 +111,7 @@ class SAM(Callback):
         eps: float = 1e-12,
         log_diagnostics: bool = True,
         prog_bar: bool = False,
+        variant: SAMVariant | None = None,
     ) -> None:
         check_int(start_step, "start_step", least=0)
         check_int(start_epoch, "start_epoch", least=0)
@@ -118,6 +127,7 @@ class SAM(Callback):
             mode=mode,
             eps=eps,
             same_dropout=same_dropout,
+            variant=variant,
         )
         self.start_step = start_step
         self.start_epoch = start_epoch
@@ -141,6 +151,9 @@ class SAM(Callback):
         self._stash: list[Tensor | None] = []
         self._micro_batches: list[tuple[Any, int, Any]] = []
         self._rng = None
+        self._one_pass = False  # a step of a variant without the second pass (LookSAM between full steps)
+        self._own_sync = False  # DDP local mode with a variant that averages over processes itself
+        self._skipped: bool | None = None  # whether this step's optimizer step was skipped (set before it)
 
     # ---------------------------------------------------------------- validation before any step
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -187,12 +200,20 @@ class SAM(Callback):
         self._stepping = not trainer.fit_loop._should_accumulate()  # private, but the one source of truth
         if not self._active:
             return
+        if self._sam_start is None:
+            self._sam_start = trainer.global_step
+        variant = self.engine.variant
         if first_micro_batch:
             # What the optimizer steps may have changed (a BackboneFinetuning unfreeze): re-bind if so.
             self.engine.follow(pl_module, trainer.optimizers[0])
-        if self._sam_start is None:
-            self._sam_start = trainer.global_step
+            variant.begin_step(trainer.global_step - self._sam_start)
+        self._one_pass = not variant.runs_second_pass()
+        self._own_sync = (
+            variant.syncs_itself and self.engine.mode == "local" and isinstance(trainer.strategy, ParallelStrategy)
+        )
         self._stats.rho = self.engine.rho_at(trainer.global_step - self._sam_start)
+        if self._one_pass:
+            return  # an ordinary pass, all-reduced as usual; the variant turns its gradient at the step
         self._rng = self.engine.rng_state()
         if self.engine.mode == "global":
             self._micro_batches.append((batch, batch_idx, self._rng))
@@ -205,11 +226,15 @@ class SAM(Callback):
         if not self._active:
             return
         self._stats.loss = _add(self._stats.loss, loss.detach() / _loss_scale(trainer))
-        if self.engine.mode == "local":
+        if self.engine.mode == "local" and not self._one_pass:
             self._stash = self.engine.take_grads()
 
     def on_after_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not self._active:
+            return
+        if self._one_pass:
+            if self._stepping:  # the whole step's gradient (scaled: the variant's turn is homogeneous in it)
+                self.engine.variant.one_pass_(self.engine.current_grads())
             return
         if self.engine.mode == "local":
             self._local_sam_pass(trainer, pl_module)
@@ -227,16 +252,26 @@ class SAM(Callback):
             grad_divisor=scale / k,
             stash=self._stash,
             first_grad_ready=True,
-            # Local mode under DDP: everything so far ran under no_sync; the last perturbed pass all-reduces.
-            before_last_perturbed_pass=self._sync_blocker.close,
+            # Local mode under DDP: everything so far ran under no_sync; the last perturbed pass all-reduces
+            # (a variant that syncs itself averages the combined gradient once the step is done instead).
+            before_last_perturbed_pass=(lambda: None) if self._own_sync else self._sync_blocker.close,
             reduce_sq_norm=self._sq_norm_reduction(trainer),
             first_pass_rng=self._rng,
         )
         self._stash = []
         self._record(stats.perturbed_loss / k, stats.grad_norm)
+        if self._stepping:
+            if self._own_sync:
+                self._sync_blocker.close()
+                variant = self.engine.variant
+                variant.step_sums = average_over_processes(self.engine.current_grads(), variant.step_sums)
+            self.engine.variant.finish_step()
 
     def _global_sam_pass(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         engine, k, scale = self.engine, trainer.accumulate_grad_batches, _loss_scale(trainer)
+        variant = engine.variant
+        first = engine.gradient_copies() if variant.combines else None
+        variant.ascent_(engine.current_grads(), scale, 1.0)
         grad_norm = self._perturb(trainer, grad_divisor=scale)
         if grad_norm is None:
             return  # the non-finite gradient stays; the step is skipped
@@ -253,6 +288,10 @@ class SAM(Callback):
         finally:
             engine.restore()
         self._stats.grad_norm = grad_norm
+        if first is not None:
+            variant.combine_(first, engine.current_grads(), scale, 1.0)
+        variant.count_micro_batch()
+        variant.finish_step()
 
     def _perturb(self, trainer: pl.Trainer, grad_divisor: float) -> Tensor | None:
         reduce = self._sq_norm_reduction(trainer)
@@ -299,8 +338,10 @@ class SAM(Callback):
         if not self._active:
             self._micro_count = 0
             return
-        if skip_if_not_finite(optimizer, trainer.precision_plugin):
+        self._skipped = skip_if_not_finite(optimizer, trainer.precision_plugin)
+        if self._skipped:
             self.skipped_steps += 1
+        self.engine.variant.before_optimizer_step(optimizer)
         # Like LearningRateMonitor: build the metrics only on steps the loggers write (log_dict is not free);
         # the progress bar, when asked for, shows the sharpness gap at every step.
         to_loggers = trainer._logger_connector.should_update_logs
@@ -310,6 +351,7 @@ class SAM(Callback):
 
     def _log(self, pl_module: pl.LightningModule, to_loggers: bool) -> None:
         metrics = diagnostics(self._stats, self.skipped_steps)
+        metrics.update({f"sam/{k}": v for k, v in self.engine.variant.diagnostics().items()})
         gap = metrics.pop("sam/sharpness_gap", None)
         if gap is not None and self.prog_bar:
             pl_module.log("sam/sharpness_gap", gap, on_step=True, on_epoch=False, prog_bar=True)
@@ -320,6 +362,9 @@ class SAM(Callback):
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
         self._sync_blocker.close()  # in case training_step returned None and no backward ran
+        if self._skipped is not None:  # the optimizer stepped in this batch: a variant's correction after it
+            self.engine.variant.after_optimizer_step(self._skipped)
+            self._skipped = None
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         # The weights are already back at w (every perturbed pass restores on its way out); drop the rest of
@@ -331,12 +376,17 @@ class SAM(Callback):
 
     # ---------------------------------------------------------------- checkpointing
     def state_dict(self) -> dict[str, Any]:
-        return {"skipped_steps": self.skipped_steps, "sam_start": self._sam_start}
+        state = {"skipped_steps": self.skipped_steps, "sam_start": self._sam_start}
+        variant_state = self.engine.variant.state_dict()
+        if variant_state:
+            state["variant"] = variant_state
+        return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.skipped_steps = state_dict["skipped_steps"]
         # Checkpoints of version 0.1 have no "sam_start": their schedules counted from step 0, and keep doing so.
         self._sam_start = state_dict.get("sam_start", 0)
+        self.engine.variant.load_state_dict(state_dict.get("variant", {}))
 
 
 class ASAM(SAM):

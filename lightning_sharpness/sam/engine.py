@@ -21,6 +21,7 @@ from lightning_sharpness.batching import count_examples, split_examples
 from lightning_sharpness.geometry import Geometry, resolve_geometry
 from lightning_sharpness.sam.rng import RNGState
 from lightning_sharpness.sam.schedules import RhoSchedule
+from lightning_sharpness.sam.variants import SAMVariant
 from lightning_sharpness.selection import ParameterFilter, select_parameters, validate_filter
 from lightning_sharpness.validation import check_choice, check_flag, check_int, check_number, check_rho
 
@@ -64,6 +65,9 @@ class SAMEngine:
             (and any other random op) draws the same mask in both; ``False`` (the default, as in the original
             SAM code and davda54/sam) lets the second pass draw new ones. With replay the random state after
             the step is the one the pass at ``w`` left: the replayed pass does not advance it.
+        variant: a :class:`~lightning_sharpness.sam.variants.SAMVariant`, the points where a method of the SAM
+            family departs from SAM (its ascent direction, how the two gradients combine, whether a step runs
+            the second pass, a correction after the optimizer's step); ``None`` is SAM.
 
     Which parameters move: those the optimizer steps (its param groups, as they are at each step) that
     require a gradient and that ``perturb`` selects. The set is re-read at every step and re-bound only
@@ -82,7 +86,10 @@ class SAMEngine:
         mode: Mode = "local",
         eps: float = 1e-12,
         same_dropout: bool = False,
+        variant: SAMVariant | None = None,
     ) -> None:
+        if variant is not None and not isinstance(variant, SAMVariant):
+            raise ValueError(f"`variant` must be a `SAMVariant` or None, got {type(variant).__name__}.")
         if not isinstance(rho, RhoSchedule):
             rho = check_rho(rho)
         if m is not None:
@@ -107,6 +114,7 @@ class SAMEngine:
         self.mode = mode
         self.eps = float(eps)
         self.same_dropout = same_dropout
+        self.variant = variant if variant is not None else SAMVariant()
         self._params: list[nn.Parameter] = []
         self._trainable: list[nn.Parameter] = []
         self._norm_layers: list[nn.Module] = []
@@ -129,6 +137,9 @@ class SAMEngine:
         the module: the callback, where Lightning's backward reaches all of them) or ``"optimizer"`` (its own
         parameters only: the mixin, where each optimizer's step must leave the others' gradients alone).
         """
+        follow_optimizer = getattr(self.rho, "follow_optimizer", None)
+        if follow_optimizer is not None:  # a radius that reads the optimizer (GSAM's follows its learning rate)
+            follow_optimizer(optimizer)
         stepped = [p for group in optimizer.param_groups for p in group["params"] if p.requires_grad]
         key = (tuple(map(id, stepped)),)
         if grads_of == "module":
@@ -151,6 +162,7 @@ class SAMEngine:
         self._params = [p for _, p in named]
         self._trainable = stepped if grads_of == "optimizer" else [p for p in module.parameters() if p.requires_grad]
         self._norm_layers = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._NormBase)]
+        self.variant.bind(self._trainable)
 
     def rho_at(self, step: int) -> float:
         """The radius at ``step``, counted from the first step SAM runs (0 at that step)."""
@@ -192,6 +204,14 @@ class SAMEngine:
         self._moved, self._saved = [], []
 
     # ---------------------------------------------------------------- helpers the faces share
+    def current_grads(self) -> list[Tensor | None]:
+        """The gradients of all trainable parameters, as they are (no copy)."""
+        return [p.grad for p in self._trainable]
+
+    def gradient_copies(self) -> list[Tensor | None]:
+        """Copies of the gradients of all trainable parameters (a variant that combines keeps ``g_w``)."""
+        return [None if p.grad is None else p.grad.detach().clone() for p in self._trainable]
+
     def take_grads(self) -> list[Tensor | None]:
         """Detach the gradients of all trainable parameters (a pointer move, no copy) and leave ``None``."""
         grads = [p.grad for p in self._trainable]
@@ -258,6 +278,7 @@ def accumulate_sam_gradient(
     """
     chunks = engine.chunks(batch)
     stats = SAMStepStats(rho=rho)
+    variant = engine.variant
     for i, (chunk, weight) in enumerate(chunks):
         rng = first_pass_rng
         if not (first_grad_ready and len(chunks) == 1):
@@ -267,22 +288,31 @@ def accumulate_sam_gradient(
                 loss = loss_of(chunk)
                 backward(loss)
             stats.loss = _add(stats.loss, loss.detach() * weight)
+        # A variant that combines the two gradients keeps g_w and receives this chunk's g_p alone.
+        first = engine.gradient_copies() if variant.combines else None
+        variant.ascent_(engine.current_grads(), grad_divisor, weight)
         grad_norm = engine.perturb(rho, grad_divisor, reduce_sq_norm)
         try:
             if grad_norm is None:
                 stash = _sum_grads(stash, engine.take_grads())
             else:
                 stats.grad_norm = grad_norm
-            engine.put_grads(stash)
+            engine.put_grads(stash if first is None else [None] * len(stash))
             if i == len(chunks) - 1:
                 before_last_perturbed_pass()
             with engine.frozen_norm_stats(), perturbed_pass_context(), RNGState.replaying(rng):
                 perturbed = loss_of(chunk)
-                backward(perturbed * weight)
+                backward(perturbed * weight if first is None else perturbed)
         finally:
             engine.restore()
-        stash = engine.take_grads()
+        if first is None:
+            stash = engine.take_grads()
+        else:
+            own = engine.take_grads()
+            variant.combine_(first, own, grad_divisor, weight)
+            stash = _sum_grads(stash, [None if g is None else g * weight if weight != 1.0 else g for g in own])
         stats.perturbed_loss = _add(stats.perturbed_loss, perturbed.detach() * weight)
+    variant.count_micro_batch()
     engine.put_grads(stash)
     return stats
 

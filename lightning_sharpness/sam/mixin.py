@@ -16,8 +16,14 @@ from lightning.pytorch.strategies import ParallelStrategy
 from torch import Tensor
 
 from lightning_sharpness._lightning import quiet
-from lightning_sharpness.sam.engine import SAMEngine, accumulate_sam_gradient, loss_scale
-from lightning_sharpness.sam.stepping import diagnostics, refuse_closure_optimizer, skip_if_not_finite
+from lightning_sharpness.sam.bsam import BSAMOptimizer, frozen_norm_statistics
+from lightning_sharpness.sam.engine import SAMEngine, SAMStepStats, accumulate_sam_gradient, loss_scale
+from lightning_sharpness.sam.stepping import (
+    average_over_processes,
+    diagnostics,
+    refuse_closure_optimizer,
+    skip_if_not_finite,
+)
 
 __all__ = ["SAMMixin"]
 
@@ -69,42 +75,121 @@ class SAMMixin:
                 "Either set `self.automatic_optimization = False`, or drop the mixin and add the "
                 "`lightning_sharpness.SAM` callback to the Trainer."
             )
+        inner = optimizer.optimizer if isinstance(optimizer, LightningOptimizer) else optimizer
+        if isinstance(inner, BSAMOptimizer):
+            return self._bsam_step(optimizer, inner, loss_fn, batch, log_prefix)
         engine = self._sam_engine_for(optimizer, sam)
         trainer = self.trainer
         scale = loss_scale(trainer.precision_plugin)
-        rho = engine.rho_at(self.global_step)  # the mixin runs SAM from the first step: counted from 0
-        with ExitStack() as no_sync:
-            if engine.mode == "local" and isinstance(trainer.strategy, ParallelStrategy):
-                no_sync.enter_context(trainer.strategy.block_backward_sync())
-            stats = accumulate_sam_gradient(
-                engine,
-                batch,
-                loss_of=loss_fn,
-                backward=self.manual_backward,
-                rho=rho,
-                grad_divisor=scale,
-                stash=engine.take_grads(),
-                first_grad_ready=False,
-                before_last_perturbed_pass=no_sync.close,
-                # what the loss function logs or counts in metrics at w + e must not reach the user's logs
-                perturbed_pass_context=lambda: quiet(self),
+        variant = engine.variant
+        variant.begin_step(self.global_step)  # the mixin runs SAM from the first step: counted from 0
+        rho = engine.rho_at(self.global_step)
+        parallel = isinstance(trainer.strategy, ParallelStrategy)
+        if not variant.runs_second_pass():
+            stats = self._one_pass_gradient(engine, loss_fn, batch, rho)
+        else:
+            own_sync = variant.syncs_itself and engine.mode == "local" and parallel
+            with ExitStack() as no_sync:
+                if engine.mode == "local" and parallel:
+                    no_sync.enter_context(trainer.strategy.block_backward_sync())
+                stats = accumulate_sam_gradient(
+                    engine,
+                    batch,
+                    loss_of=loss_fn,
+                    backward=self.manual_backward,
+                    rho=rho,
+                    grad_divisor=scale,
+                    stash=engine.take_grads(),
+                    first_grad_ready=False,
+                    # a variant that syncs itself averages once, after the step's passes
+                    before_last_perturbed_pass=(lambda: None) if own_sync else no_sync.close,
+                    # what the loss function logs or counts in metrics at w + e must not reach the user's logs
+                    perturbed_pass_context=lambda: quiet(self),
+                )
+            if own_sync:
+                variant.step_sums = average_over_processes(engine.current_grads(), variant.step_sums)
+            variant.finish_step()
+        skipped = skip_if_not_finite(optimizer, trainer.precision_plugin)
+        if skipped:
+            self._sam_skipped_steps = getattr(self, "_sam_skipped_steps", 0) + 1
+        variant.before_optimizer_step(optimizer.optimizer if isinstance(optimizer, LightningOptimizer) else optimizer)
+        optimizer.step()
+        variant.after_optimizer_step(skipped)
+        optimizer.zero_grad(set_to_none=True)
+        if log_prefix is not None and trainer._logger_connector.should_update_logs:
+            metrics = diagnostics(stats, getattr(self, "_sam_skipped_steps", 0), log_prefix)
+            metrics.update({f"{log_prefix}{k}": v for k, v in variant.diagnostics().items()})
+            self.log_dict(metrics, on_step=True, on_epoch=False)
+        return stats.loss
+
+    def _bsam_step(
+        self,
+        optimizer: LightningOptimizer,
+        inner: BSAMOptimizer,
+        loss_fn: Callable[[Any], Tensor],
+        batch: Any,
+        log_prefix: str | None,
+    ) -> Tensor:
+        """BSAM's three phases around two passes of ``loss_fn`` (each all-reduced under DDP: its ascent starts
+        from the noisy weights every process shares, so it has only the global mode)."""
+        trainer = self.trainer
+        if getattr(trainer.precision_plugin, "scaler", None) is not None:
+            raise ValueError(
+                "BSAM cannot run under fp16 with a GradScaler: the noise and the ascent stay in the weights, so a "
+                "step the scaler skips would still move them. Use precision='bf16-mixed' or 32."
             )
-        if skip_if_not_finite(optimizer, trainer.precision_plugin):
+        inner.driven = True
+        inner.add_noise_()
+        optimizer.zero_grad(set_to_none=True)
+        noisy = loss_fn(batch)
+        self.manual_backward(noisy)
+        perturbed = None
+        if inner.ascend_(grad_divisor=loss_scale(trainer.precision_plugin)):
+            with frozen_norm_statistics(self), quiet(self):
+                perturbed = loss_fn(batch)
+            self.manual_backward(perturbed)
+        skipped = skip_if_not_finite(optimizer, trainer.precision_plugin)
+        if skipped:
             self._sam_skipped_steps = getattr(self, "_sam_skipped_steps", 0) + 1
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         if log_prefix is not None and trainer._logger_connector.should_update_logs:
-            metrics = diagnostics(stats, getattr(self, "_sam_skipped_steps", 0), log_prefix)
+            metrics = {f"{log_prefix}noisy_loss": noisy.detach().float()}
+            metrics[f"{log_prefix}skipped_steps"] = float(getattr(self, "_sam_skipped_steps", 0))
+            if perturbed is not None:
+                metrics[f"{log_prefix}perturbed_loss"] = perturbed.detach().float()
             self.log_dict(metrics, on_step=True, on_epoch=False)
-        return stats.loss
+        return noisy.detach()
+
+    def _one_pass_gradient(self, engine: SAMEngine, loss_fn: Callable[[Any], Tensor], batch: Any, rho: float):
+        """A step of a variant without the second pass (LookSAM between its full steps): one ordinary pass
+        (all-reduced as usual under DDP), its gradient turned by the variant and added to what was there."""
+        stash = engine.take_grads()
+        loss = loss_fn(batch)
+        self.manual_backward(loss)
+        engine.variant.one_pass_(engine.current_grads())
+        engine.put_grads([g if s is None else s if g is None else s + g for s, g in zip(stash, engine.take_grads())])
+        return SAMStepStats(loss=loss.detach(), rho=rho)
 
     # ---------------------------------------------------------------- checkpointing, like the callback's state
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint["sam_mixin"] = {"skipped_steps": getattr(self, "_sam_skipped_steps", 0)}
+        state: dict[str, Any] = {"skipped_steps": getattr(self, "_sam_skipped_steps", 0)}
+        # a variant's state (FriendlySAM's gradient EMA, LookSAM's g_v), per optimizer by its position
+        engines = self.__dict__.get("_sam_engines", {})
+        variants = {}
+        for i, opt in enumerate(self.trainer.optimizers):
+            held = engines.get(opt)
+            if held is not None and held[1].variant.state_dict():
+                variants[i] = held[1].variant.state_dict()
+        variants = {**self.__dict__.get("_sam_pending_variants", {}), **variants}
+        if variants:
+            state["variants"] = variants
+        checkpoint["sam_mixin"] = state
         super().on_save_checkpoint(checkpoint)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self._sam_skipped_steps = checkpoint.get("sam_mixin", {}).get("skipped_steps", 0)
+        self._sam_pending_variants = dict(checkpoint.get("sam_mixin", {}).get("variants", {}))
         super().on_load_checkpoint(checkpoint)
 
     def _sam_engine_for(self, optimizer: LightningOptimizer, sam: SAMEngine | None) -> SAMEngine:
@@ -124,6 +209,10 @@ class SAMMixin:
             engine = copy.deepcopy(template) if template is not None else SAMEngine()
             engine.check_filter(self)
             engines[inner] = held = (template, engine)
+            pending = self.__dict__.get("_sam_pending_variants", {})
+            position = next((i for i, o in enumerate(self.trainer.optimizers) if o is inner), None)
+            if position in pending:  # state a checkpoint held for this optimizer's variant
+                engine.variant.load_state_dict(pending.pop(position))
         engine = held[1]
         engine.follow(self, inner, grads_of="optimizer")
         return engine

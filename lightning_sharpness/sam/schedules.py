@@ -6,7 +6,7 @@ import math
 
 from lightning_sharpness.validation import check_int, check_rho
 
-__all__ = ["ConstantRho", "CosineRho", "LinearRho", "RhoSchedule", "StepRho", "validate_rho"]
+__all__ = ["ConstantRho", "CosineRho", "LinearRho", "ProportionalRho", "RhoSchedule", "StepRho", "validate_rho"]
 
 #: The radius check, under the name this module exported first.
 validate_rho = check_rho
@@ -73,3 +73,49 @@ class StepRho(RhoSchedule):
 
     def __call__(self, step: int) -> float:
         return self.values[sum(step >= s for s in self.milestones)]
+
+
+class ProportionalRho(RhoSchedule):
+    """GSAM's radius: ``rho`` follows the learning rate, ``rho_min + (rho_max - rho_min) (lr - lr_min) /
+    (lr_max - lr_min)``, read from the optimizer's first param group at each step (``rho_max`` when
+    ``lr_max <= lr_min``), as pytorch-optimizer's ``ProportionScheduler``.
+
+    ``lr_max=None`` takes the param group's ``initial_lr`` (set by torch's LR schedulers), else its learning
+    rate when the engine first binds to the optimizer. The engine binds it (:meth:`follow_optimizer`).
+
+    Raises:
+        ValueError: a radius or learning rate that is not a finite number >= 0; ``rho_min > rho_max``.
+    """
+
+    def __init__(self, rho_max: float = 0.05, rho_min: float = 0.05, lr_max: float | None = None, lr_min: float = 0.0):
+        self.rho_max = validate_rho(rho_max, "rho_max")
+        self.rho_min = validate_rho(rho_min, "rho_min")
+        if self.rho_min > self.rho_max:
+            raise ValueError(f"`rho_min` must be <= `rho_max`, got rho_min={rho_min!r} > rho_max={rho_max!r}.")
+        self.lr_max = None if lr_max is None else validate_rho(lr_max, "lr_max")
+        self.lr_min = validate_rho(lr_min, "lr_min")
+        self._optimizer = None
+
+    def follow_optimizer(self, optimizer) -> None:
+        self._optimizer = optimizer
+        if self.lr_max is None:
+            group = optimizer.param_groups[0]
+            self.lr_max = float(group.get("initial_lr", group["lr"]))
+
+    def __call__(self, step: int) -> float:
+        if self._optimizer is None:
+            raise RuntimeError("ProportionalRho reads the learning rate: bind it with `follow_optimizer` first.")
+        lr = float(self._optimizer.param_groups[0]["lr"])
+        if self.lr_max > self.lr_min:
+            return self.rho_min + (self.rho_max - self.rho_min) * (lr - self.lr_min) / (self.lr_max - self.lr_min)
+        return self.rho_max
+
+    def __repr__(self) -> str:
+        return (
+            f"ProportionalRho(rho_max={self.rho_max!r}, rho_min={self.rho_min!r}, lr_max={self.lr_max!r}, "
+            f"lr_min={self.lr_min!r})"
+        )
+
+    def __getstate__(self) -> dict:
+        # deep copies (the mixin copies its engine per optimizer) must not drag the optimizer along
+        return {**self.__dict__, "_optimizer": None}

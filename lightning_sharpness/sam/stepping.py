@@ -10,7 +10,7 @@ from torch import Tensor
 
 from lightning_sharpness.sam.engine import SAMStepStats, all_finite
 
-__all__ = ["diagnostics", "refuse_closure_optimizer", "skip_if_not_finite"]
+__all__ = ["average_over_processes", "diagnostics", "refuse_closure_optimizer", "skip_if_not_finite"]
 
 
 def refuse_closure_optimizer(optimizer: Any, who: str) -> None:
@@ -32,6 +32,29 @@ def skip_if_not_finite(optimizer: Any, precision_plugin: Any) -> bool:
     if getattr(precision_plugin, "scaler", None) is None:
         optimizer.zero_grad(set_to_none=True)
     return True
+
+
+def average_over_processes(grads: list[Tensor | None], sums: list[Tensor | None]) -> list[Tensor | None]:
+    """Average ``grads`` (in place) and ``sums`` over the processes of the default group in ONE all-reduce of
+    their concatenation; returns the averaged ``sums``. A no-op without an initialized process group.
+
+    Every process must pass tensors of the same shapes in the same order (``None`` in the same places).
+    """
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return sums
+    world = torch.distributed.get_world_size()
+    present = [t for t in grads if t is not None] + [t for t in sums if t is not None]
+    if world == 1 or not present:
+        return sums
+    dtype = torch.promote_types(torch.float32, present[0].dtype)
+    flat = torch.cat([t.detach().reshape(-1).to(dtype) for t in present])
+    torch.distributed.all_reduce(flat)
+    flat.div_(world)
+    pieces = iter(flat.split([t.numel() for t in present]))
+    for g in grads:
+        if g is not None:
+            g.copy_(next(pieces).view_as(g))
+    return [None if t is None else next(pieces).view_as(t).to(t.dtype).clone() for t in sums]
 
 
 def diagnostics(stats: SAMStepStats, skipped_steps: int, prefix: str = "sam/") -> dict[str, Any]:
