@@ -202,3 +202,32 @@ def test_bad_arguments_fail_at_construction(kwargs, match):
         SSAMF(num_samples=0)
     with pytest.raises(ValueError, match="drop_rate"):
         SSAMD(drop_rate=1.5)
+
+
+@pytest.mark.slow
+def test_variants_under_ddp(tmp_path):
+    """One 2-process gloo launch for every part-B variant (tests/sam_variants_b_ddp_script.py): both processes end
+    with the same weights, the same masks and the same SAF store (every example, from every process); RSAM refuses."""
+    from pathlib import Path
+
+    from tests.helpers import run_two_process_script
+
+    run_two_process_script(str(Path(__file__).resolve().parent / "sam_variants_b_ddp_script.py"), tmp_path)
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1))
+    for name in ("ssamf", "ssamd", "layerwise", "linf", "saf", "mesa"):
+        assert "error" not in r0[name], r0[name].get("error")
+        for key, value in r0[name]["weights"].items():
+            assert torch.equal(value, r1[name]["weights"][key]), (name, key)
+        assert torch.isfinite(torch.cat([v.reshape(-1).float() for v in r0[name]["weights"].values()])).all()
+    for name in ("ssamf", "ssamd"):
+        assert r0[name]["masks"].keys() == r1[name]["masks"].keys() and len(r0[name]["masks"]) == 6
+        assert all(torch.equal(m, r1[name]["masks"][k]) for k, m in r0[name]["masks"].items())
+        assert any("sam/sparsity" in m for _, m in r0[name]["logged"])
+    # 32 examples, 16 per process: after 3 epochs every process holds epoch 2's logits of all 32
+    assert torch.equal(r0["saf"]["stamps"], torch.full((1, 32), 2, dtype=torch.int32))
+    assert torch.equal(r0["saf"]["stamps"], r1["saf"]["stamps"])
+    assert any("sam/saf_kl" in m for _, m in r0["saf"]["logged"])
+    assert any("sam/mesa_kl" in m for _, m in r0["mesa"]["logged"])
+    assert "DistributedDataParallel" in r0["rsam"]["error"]
+    first = next(iter(r0["ssamf"]["weights"]))
+    assert not torch.equal(r0["ssamf"]["weights"][first], r0["layerwise"]["weights"][first])
