@@ -14,7 +14,7 @@ from lightning_sharpness.sam.bsam import BSAM, BSAMOptimizer
 from lightning_sharpness.sam.family import GSAM, WSAM, FriendlySAM, LookSAM
 from lightning_sharpness.sam.schedules import ProportionalRho
 from lightning_sharpness.sam.variants import FriendlyAscent, LookAhead, SurrogateGap, WeightedSharpness
-from tests.helpers import Classifier, assert_same_weights, classification_data, clone, loader, mlp, trainer
+from tests.helpers import Classifier, assert_same_weights, classification_data, loader, mlp, trainer
 
 STEPS = 4
 SGD = lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9)  # noqa: E731
