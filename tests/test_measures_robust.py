@@ -214,11 +214,13 @@ def test_worst_case_chunks_draw_their_own_starts_so_shards_add_up():
 
 
 def test_monitor_shards_worst_case_m_sharpness_with_random_starts():
-    from lightning_sharpness.monitor import _is_linear
+    from lightning_sharpness.measures import registry
 
-    assert _is_linear("worst_case_sharpness", {"m": 4})  # the default random init
-    assert _is_linear("worst_case_sharpness", {"m": 4, "init": "zero"})
-    assert not _is_linear("worst_case_sharpness", {})  # one perturbation of the whole set: not a mean
+    record = registry.record("worst_case_sharpness")
+    is_mean = lambda options: record.mean_over_examples(record.with_defaults(options))  # noqa: E731
+    assert is_mean({"m": 4})  # the default random init
+    assert is_mean({"m": 4, "init": "zero"})
+    assert not is_mean({})  # one perturbation of the whole set: not a mean
 
 
 def test_worst_case_restarts_is_validated():

@@ -18,8 +18,8 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from torch.utils.data import DataLoader
 
 from lightning_sharpness import measures
-from lightning_sharpness import monitor as monitor_module
 from lightning_sharpness.monitor import SharpnessMonitor
+from lightning_sharpness.monitor import callback as monitor_callback
 from tests.helpers import RecordingLogger, run_two_process_script
 from tests.test_monitor import TOP, TRACE, Data, Net, ce, data, loader, make_trainer, probe_batches
 
@@ -171,8 +171,18 @@ def test_bad_option_values_fail_when_the_callback_is_built(spec, match):
 
 
 def test_the_monitor_uses_the_measures_own_validators():
-    assert monitor_module._check_rho is measures._check_rho
-    assert monitor_module._check_positive_int is measures._check_positive_int
+    from lightning_sharpness.measures import registry
+
+    # the monitor rejects what the measure itself rejects, with the measure's own message
+    for name, options in [("hessian_trace", {"matvecs": 5}), ("worst_case_sharpness", {"rho": -1.0})]:
+        with pytest.raises(ValueError) as by_record:
+            registry.record(name).validate(options)
+        with pytest.raises(ValueError) as by_monitor:
+            SharpnessMonitor(measures=[{"name": name, **options}])
+        assert str(by_record.value) in str(by_monitor.value)
+    net = Net()
+    with pytest.raises(ValueError, match="`matvecs` must be an int >= 6, got 5"):
+        measures.hessian_trace(net, ce, next(iter(loader())), matvecs=5)
 
 
 def test_val_probe_without_a_validation_loader_fails_at_fit_start_naming_the_option():
@@ -200,7 +210,8 @@ def test_val_probe_from_the_loader_given_to_fit_is_measured_at_fit_start():
 def test_the_plan_is_announced_in_one_line_at_fit_start_before_measuring(monkeypatch):
     lines: list[tuple[str, int]] = []
     monitor = SharpnessMonitor(measures=[TRACE, TOP], max_overhead=None)
-    monkeypatch.setattr(monitor_module, "rank_zero_info", lambda message: lines.append((message, len(monitor.history))))
+    record = lambda message: lines.append((message, len(monitor.history)))  # noqa: E731
+    monkeypatch.setattr(monitor_callback, "rank_zero_info", record)
     make_trainer(max_epochs=2, callbacks=[monitor]).fit(Net(), loader())
     ((line, measured_before),) = [(m, n) for m, n in lines if "SharpnessMonitor" in m]
     assert measured_before == 0 and "\n" not in line
