@@ -206,6 +206,7 @@ class SAF(_ExtraLoss):
         self.stamps: Tensor | None = None  # [epochs_back, N]: the epoch each stored row comes from, or _NEVER
         self._seen: tuple[Tensor, Tensor] | None = None
         self._coverage = 0.0
+        self._expected: int | None = None
 
     @property
     def stored_bytes(self) -> int:
@@ -252,7 +253,8 @@ class SAF(_ExtraLoss):
         device = logits.device if self.store_device == "device" else torch.device("cpu")
         needed = int(index.max()) + 1
         if self.outputs is None or needed > self.outputs.shape[1] or logits.shape[-1] != self.outputs.shape[2]:
-            size = max(needed, 2 * (self.outputs.shape[1] if self.outputs is not None else 0))
+            # the dataset's length when the loader tells it (one allocation), else doubling as indices appear
+            size = max(needed, self._expected or 2 * (self.outputs.shape[1] if self.outputs is not None else 0))
             outputs = torch.zeros(self.epochs_back, size, logits.shape[-1], dtype=self.store_dtype, device=device)
             stamps = torch.full((self.epochs_back, size), _NEVER, dtype=torch.int32, device=device)
             if self.outputs is not None and logits.shape[-1] == self.outputs.shape[2]:
@@ -272,6 +274,10 @@ class SAF(_ExtraLoss):
         self._pending = state_dict
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        try:
+            self._expected: int | None = len(trainer.train_dataloader.dataset)
+        except (AttributeError, TypeError):
+            self._expected = None
         pending = self.__dict__.pop("_pending", None)
         if pending:
             device = pl_module.device if self.store_device == "device" else torch.device("cpu")
