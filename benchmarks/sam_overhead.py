@@ -5,9 +5,11 @@ Prints, for a small CNN with BatchNorm on a fixed batch:
   * our callback / a plain-PyTorch reference SAM loop (the 60-line SAM most people paste);
   * peak memory during a step, SAM minus plain, against the size of one copy of the parameters;
   * SAM / plain under fp16 with a GradScaler and under bf16 autocast;
-  * 2-process DDP (gloo): SAM local and global against plain DDP, step time and bytes all-reduced per step.
+  * 2-process DDP (gloo): SAM local and global against plain DDP, step time and bytes all-reduced per step;
+  * pytorch-optimizer's SAM family on our engine (GSAM, WSAM, FriendlySAM, LookSAM with k=10, BSAM): step time
+    / plain and / SAM, extra peak memory in parameter copies.
 
-    python benchmarks/sam_overhead.py [--steps 30] [--repeats 3] [--batch-size 128]
+    python benchmarks/sam_overhead.py [--steps 30] [--repeats 3] [--batch-size 128] [--family-only]
 
 Timings are medians over steps, taken round-robin over repeats so that drift hits every configuration alike.
 Peak memory is read off the allocations PyTorch's profiler records over a short run from scratch (model,
@@ -35,6 +37,8 @@ from torch import nn
 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 
 from lightning_sharpness import SAM
+from lightning_sharpness.sam.bsam import BSAM, BSAMOptimizer
+from lightning_sharpness.sam.family import GSAM, WSAM, FriendlySAM, LookSAM
 
 
 def cnn(seed: int = 0) -> nn.Module:
@@ -99,6 +103,11 @@ class Module(pl.LightningModule):
         return sgd(self.parameters())
 
 
+class BSAMModule(Module):
+    def configure_optimizers(self):
+        return BSAMOptimizer(self.parameters(), num_data=50_000, lr=0.01)
+
+
 def lightning_run(batch, steps: int, warmup: int, callbacks: list, **trainer_kwargs) -> list[float]:
     timer = StepTimer(warmup)
     trainer_kwargs.setdefault("devices", 1)
@@ -106,7 +115,8 @@ def lightning_run(batch, steps: int, warmup: int, callbacks: list, **trainer_kwa
         accelerator="cpu", max_steps=steps + warmup, logger=False, enable_checkpointing=False,
         enable_progress_bar=False, enable_model_summary=False, callbacks=[*callbacks, timer], **trainer_kwargs,
     )  # fmt: skip
-    trainer.fit(Module(), RepeatedBatch(batch, steps + warmup))
+    module = BSAMModule() if any(isinstance(c, BSAM) for c in callbacks) else Module()
+    trainer.fit(module, RepeatedBatch(batch, steps + warmup))
     return timer.times
 
 
@@ -207,9 +217,12 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--precision-steps", type=int, default=8, help="steps per fp16/bf16 run (fp16 is slow on CPU)")
     parser.add_argument("--skip-ddp", action="store_true", help="leave out the 2-process DDP section")
+    parser.add_argument("--family-only", action="store_true", help="only the SAM-family section")
     args = parser.parse_args(argv)
     torch.set_num_threads(torch.get_num_threads())
     batch = make_batch(args.batch_size)
+    if args.family_only:
+        return family_section(batch, args)
     configs: dict[str, Callable[[int, int], list[float]]] = {
         "lightning plain": lambda steps, warmup: lightning_run(batch, steps, warmup, []),
         "lightning SAM": lambda steps, warmup: lightning_run(batch, steps, warmup, [SAM(rho=0.05)]),
@@ -238,6 +251,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     print(f"reference SAM / plain (plain PyTorch):       {results['reference_sam_over_torch_plain']:.3f}")
     print(f"peak memory, SAM - plain, in parameter copies: {results['extra_peak_over_param_bytes']:.2f}")
     results.update(precision_section(batch, args))
+    results.update(family_section(batch, args))
     if not args.skip_ddp:
         results.update(ddp_section(batch, args))
     return results
@@ -269,6 +283,36 @@ def precision_section(batch, args) -> dict[str, float]:
     }
     print(f"SAM / plain, fp16 with GradScaler:           {results['fp16_sam_over_plain']:.3f}")
     print(f"SAM / plain, bf16 autocast:                  {results['bf16_sam_over_plain']:.3f}")
+    return results
+
+
+def family_section(batch, args) -> dict[str, float]:
+    """pytorch-optimizer's SAM family on our engine, fp32: step time / plain and / SAM, extra peak memory."""
+    family = {
+        "plain": lambda: [],
+        "SAM": lambda: [SAM(rho=0.05)],
+        "GSAM": lambda: [GSAM(rho_max=0.05, rho_min=0.01, alpha=0.4)],
+        "WSAM": lambda: [WSAM(rho=0.05, gamma=0.9)],
+        "FriendlySAM": lambda: [FriendlySAM(rho=0.05)],
+        "LookSAM k=10": lambda: [LookSAM(rho=0.05, k=10)],
+        "BSAM": lambda: [BSAM()],
+    }
+    peaks = {name: peak_bytes(lambda make=make: lightning_run(batch, 3, 0, make())) for name, make in family.items()}
+    times: dict[str, list[float]] = {name: [] for name in family}
+    for _ in range(args.repeats):
+        for name, make in family.items():
+            times[name] += lightning_run(batch, args.steps, args.warmup, make())
+    median = {name: statistics.median(t) for name, t in times.items()}
+    param_bytes = sum(p.numel() * p.element_size() for p in cnn().parameters())
+    print("| method | ms/step | / plain | / SAM | extra peak memory (parameter copies) |")
+    print("|---|---|---|---|---|")
+    results = {}
+    for name in family:
+        extra = (peaks[name] - peaks["plain"]) / param_bytes
+        over_plain, over_sam = median[name] / median["plain"], median[name] / median["SAM"]
+        print(f"| {name} | {1e3 * median[name]:.1f} | {over_plain:.2f} | {over_sam:.2f} | {extra:.2f} |")
+        results[f"family_{name}_over_plain"] = over_plain
+        results[f"family_{name}_extra_param_copies"] = extra
     return results
 
 

@@ -1,0 +1,61 @@
+"""The SAM family configured through LightningCLI (examples/cli.py) from command-line flags."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+from lightning_sharpness.sam.family import GSAM, WSAM, FriendlySAM, LookSAM
+from lightning_sharpness.sam.schedules import ProportionalRho
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
+from cli import main  # noqa: E402
+
+SHORT_RUN = [
+    "--trainer.max_epochs=1",
+    "--trainer.limit_train_batches=3",
+    "--trainer.limit_val_batches=1",
+    "--trainer.enable_progress_bar=false",
+    "--trainer.enable_model_summary=false",
+]
+
+
+@pytest.mark.parametrize(
+    "cls, flags, check",
+    [
+        (GSAM, ["rho_max=0.1", "rho_min=0.02", "alpha=0.3"], lambda c: isinstance(c.engine.rho, ProportionalRho)),
+        (WSAM, ["rho=0.1", "gamma=0.8", "decouple=false"], lambda c: c.engine.variant.decouple is False),
+        (FriendlySAM, ["sigma=0.5", "lmbda=0.7"], lambda c: c.engine.variant.lmbda == 0.7),
+        (LookSAM, ["k=2", "alpha=0.5", "mode=global"], lambda c: c.engine.variant.k == 2),
+    ],
+    ids=lambda v: getattr(v, "__name__", None),
+)
+def test_family_from_command_line_flags(tmp_path, cls, flags, check):
+    cli = main(
+        [
+            "fit",
+            f"--trainer.default_root_dir={tmp_path}",
+            f"--trainer.callbacks=lightning_sharpness.sam.family.{cls.__name__}",
+            *[f"--trainer.callbacks.{f}" for f in flags],
+            *SHORT_RUN,
+        ]
+    )
+    (callback,) = [c for c in cli.trainer.callbacks if isinstance(c, cls)]
+    assert check(callback)
+    assert cli.trainer.global_step == 3
+
+
+def test_bad_family_value_is_reported_before_training(tmp_path, capsys):
+    with pytest.raises((SystemExit, ValueError)) as failure:
+        main(
+            [
+                "fit",
+                f"--trainer.default_root_dir={tmp_path}",
+                "--trainer.callbacks=lightning_sharpness.sam.family.LookSAM",
+                "--trainer.callbacks.k=0",
+                *SHORT_RUN,
+            ]
+        )
+    assert "`k` must be an int >= 1, got 0." in str(failure.value) + capsys.readouterr().err
