@@ -174,7 +174,6 @@ def move_to_device(batch: Any, device: torch.device | str) -> Any:
     return move_data_to_device(batch, device)
 
 
-
 def _is_array(obj: Any) -> bool:
     return isinstance(obj, Tensor) or (np is not None and isinstance(obj, np.ndarray))
 

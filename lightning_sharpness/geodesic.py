@@ -10,6 +10,7 @@ pair falls back to the adaptive geometry.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
 
 import torch
@@ -104,8 +105,9 @@ class GeodesicGeometry(AdaptiveGeometry):
     with a head count and a ``proj`` (timm's ViT). Other attention is declared with ``qk_pairs`` /
     ``vo_pairs``: ``(query, key, heads)`` and ``(value, output, heads)`` names of ``nn.Linear`` modules,
     relative to the bound module. A model where no head is found or declared raises at :meth:`bind`, unless
-    ``require_heads=False`` (then this is the adaptive geometry). After binding, ``attention`` lists what was
-    found (:class:`~lightning_sharpness.attention_heads.AttentionHeads`) and ``blocks`` the head pairs used.
+    ``require_heads=False`` (then this is the adaptive geometry). The bound geometry :meth:`bind` returns lists in
+    ``attention`` what was found (:class:`~lightning_sharpness.attention_heads.AttentionHeads`) and in ``blocks``
+    the head pairs used.
 
     Example::
 
@@ -147,21 +149,29 @@ class GeodesicGeometry(AdaptiveGeometry):
         self._by_id: dict[int, str] = {}
 
     # ------------------------------------------------------------------ structure
-    def bind(self, module: torch.nn.Module, named_params: Sequence[tuple[str, Tensor]]) -> None:
-        """Find the heads of ``module`` (declared ones first, then those :func:`find_attention` recognizes that
-        share no parameter with a declared one) and keep the pairs whose parameters are all perturbed.
+    def bind(self, module: torch.nn.Module, named_params: Sequence[tuple[str, Tensor]]) -> GeodesicGeometry:
+        """A copy of this geometry bound to ``module``: the heads found (declared ones first, then those
+        :func:`find_attention` recognizes that share no parameter with a declared one), keeping the pairs whose
+        parameters are all in ``named_params``. This geometry itself stays unbound, so it may be bound to several
+        models (SAM and a measure, or two runs) without one binding overwriting the other.
 
-        Raises if ``module`` has no usable head at all, unless ``require_heads=False``."""
+        Raises:
+            ValueError: when ``module`` has no usable head at all (naming what was looked for), unless
+                ``require_heads=False``; when a declared pair names a module that does not exist.
+        """
         chosen = {name for name, _ in named_params}
-        self._by_id = {id(p): name for name, p in named_params}
         declared = declared_attention(module, self.qk_pairs, self.vo_pairs)
         taken = set().union(*(a.parameter_names() for a in declared))
         found = [a for a in find_attention(module) if not a.parameter_names() & taken]
-        self.attention = declared + found
-        blocks = [_Block(kind, g, h) for a in self.attention for kind, g, h in a.pairs()]
+        attention = declared + found
+        blocks = [_Block(kind, g, h) for a in attention for kind, g, h in a.pairs()]
         if not blocks and self.require_heads:
             raise ValueError(no_attention_message(module, found))
-        self.blocks = [b for b in blocks if b.names() <= chosen]
+        bound = copy.copy(self)
+        bound._by_id = {id(p): name for name, p in named_params}
+        bound.attention = attention
+        bound.blocks = [b for b in blocks if b.names() <= chosen]
+        return bound
 
     def _active(self, params: Sequence[Tensor]) -> tuple[dict[str, int], list[_Block]]:
         index = {self._by_id[id(p)]: i for i, p in enumerate(params) if id(p) in self._by_id}
@@ -323,5 +333,3 @@ class GeodesicGeometry(AdaptiveGeometry):
 
     def __repr__(self) -> str:
         return f"GeodesicGeometry(eta={self.eta}, head_pairs={len(self.blocks)})"
-
-

@@ -31,8 +31,18 @@ class Geometry:
 
     name = "standard"
 
-    def bind(self, module: torch.nn.Module, named_params: Sequence[tuple[str, Tensor]]) -> None:
-        """Called once with the model and the perturbed parameters; geometries with structure record it."""
+    def bind(self, module: torch.nn.Module, named_params: Sequence[tuple[str, Tensor]]) -> Geometry:
+        """The geometry bound to ``module`` and the perturbed parameters, which takes the steps and measures the
+        balls there. This geometry is left as it was (one geometry object may serve several models); an element-wise
+        one needs no structure and is its own bound form.
+
+        Example::
+
+            >>> geo = AdaptiveGeometry()
+            >>> geo.bind(torch.nn.Linear(2, 1), []) is geo
+            True
+        """
+        return self
 
     def scale(self, param: Tensor) -> Tensor | None:
         """Element-wise scale ``T`` of one parameter; ``None`` means 1."""

@@ -80,7 +80,7 @@ def test_geodesic_sharpness_invariant_where_adaptive_is_not():
 def bound(model) -> tuple[GeodesicGeometry, list[torch.Tensor]]:
     geo = GeodesicGeometry()
     named = [(n, p) for n, p in model.named_parameters()]
-    geo.bind(model, named)
+    geo = geo.bind(model, named)
     return geo, [p for _, p in named]
 
 
@@ -90,7 +90,7 @@ def test_blocks_found_in_mha_and_transformer_layer():
     assert len(geo.blocks) == 4  # (qk, vo) per head, 2 heads
     layer = nn.TransformerEncoderLayer(8, 4, dim_feedforward=16, batch_first=True)
     geo = GeodesicGeometry()
-    geo.bind(layer, list(layer.named_parameters()))
+    geo = geo.bind(layer, list(layer.named_parameters()))
     assert len(geo.blocks) == 8
     assert resolve_geometry("geodesic").name == "geodesic"
 
@@ -168,7 +168,9 @@ def test_user_named_pairs_on_custom_attention():
     assert torch.allclose(model(x), other(x))
     a = M.worst_case_sharpness(model, mse, (x, y), rho=0.1, geometry=geo, steps=6)
     b = M.worst_case_sharpness(other, mse, (x, y), rho=0.1, geometry=geo, steps=6)
-    assert len(geo.blocks) == 4 and float(a) == pytest.approx(float(b), rel=1e-7)
+    assert float(a) == pytest.approx(float(b), rel=1e-7)
+    assert len(geo.bind(model, list(model.named_parameters())).blocks) == 4
+    assert geo.blocks == []  # binding returns a bound copy: the geometry the measures were given is untouched
     with pytest.raises(ValueError, match="qk_pairs"):
         GeodesicGeometry(qk_pairs=[("q", "k")])
     with pytest.raises(ValueError, match="qk_pairs"):

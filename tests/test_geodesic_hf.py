@@ -213,7 +213,7 @@ SETUPS = {
 
 def bound(model: nn.Module, **kwargs) -> GeodesicGeometry:
     geo = GeodesicGeometry(**kwargs)
-    geo.bind(model, list(model.named_parameters()))
+    geo = geo.bind(model, list(model.named_parameters()))
     return geo
 
 
@@ -334,7 +334,7 @@ def expected_perturbation(net: nn.Module, batch, geometry, rho: float) -> dict[s
     net = copy.deepcopy(net)
     F.cross_entropy(net(input_ids=batch[0]).logits, batch[1]).backward()
     named = list(net.named_parameters())
-    geometry.bind(net, named)
+    geometry = geometry.bind(net, named)
     params, grads = [p for _, p in named], [p.grad for _, p in named]
     norm = geometry.dual_sq_norm(params, grads).sqrt()
     with torch.no_grad():
@@ -358,7 +358,7 @@ def test_geodesic_sam_trains_bert_and_perturbs_along_the_geodesic():
     start, calls = runs["geodesic"]
     geo = GeodesicGeometry()
     expected = expected_perturbation(start, (ids[:8], y[:8]), geo, rho)
-    assert len(geo.blocks) == 2 * HEADS
+    assert len(geo.bind(start, list(start.named_parameters())).blocks) == 2 * HEADS
     seen = calls[1]["weights"]  # the weights of SAM's second pass of the first step
     for name, w in expected.items():
         assert torch.allclose(seen[name], w, atol=1e-6, rtol=1e-5), name

@@ -126,7 +126,7 @@ def test_m_sharpness_is_the_mean_over_chunks():
     net.eval()
     op = HessianOperator(net, mse, (x, y))
     geo = resolve_geometry("standard")
-    geo.bind(net, list(net.named_parameters()))
+    geo = geo.bind(net, list(net.named_parameters()))
     params = list(net.parameters())
     with torch.no_grad():
         chunks = [((x[s : s + 4], y[s : s + 4]), _chunk_generator(0, index)) for s, index in ((0, 0), (4, 1), (8, 0))]
