@@ -95,3 +95,47 @@ def test_hutchinson_float32_against_float64():
     op32 = HessianOperator(model.float(), ce, [(x.float(), y) for x, y in batches])
     b = hutchinson(op32, 50, torch.Generator().manual_seed(0))
     assert abs(a.value - b.value) < 1e-5 * a.samples.abs().max()
+
+
+def _slq_preallocated(A: torch.Tensor, probes: int, steps: int, seed: int):
+    """The former ``slq``: a ``(steps, dim, probes)`` basis allocated up front, two Gram-Schmidt passes every step
+    (a plain reference for the streamed one)."""
+    n = A.shape[0]
+    q = rademacher(n, probes, torch.Generator().manual_seed(seed), A.dtype, A.device) / n**0.5
+    Q = torch.zeros(steps, n, probes, dtype=A.dtype)
+    alpha = torch.zeros(steps, probes, dtype=torch.float64)
+    beta = torch.zeros(steps, probes, dtype=torch.float64)
+    for j in range(steps):
+        Q[j] = q
+        w = A @ q
+        a = (q * w).sum(0)
+        w = w - a * q
+        if j > 0:
+            w = w - beta[j - 1] * Q[j - 1]
+        for _ in range(2):
+            w = w - torch.einsum("jnp,jp->np", Q[: j + 1], torch.einsum("jnp,np->jp", Q[: j + 1], w))
+        alpha[j], beta[j] = a, w.norm(dim=0)
+        q = w / w.norm(dim=0)
+    T = torch.diag_embed(alpha.T) + torch.diag_embed(beta[:-1].T, 1) + torch.diag_embed(beta[:-1].T, -1)
+    theta, S = torch.linalg.eigh(T)
+    return theta, S[:, 0, :].pow(2) / probes
+
+
+def test_slq_streamed_basis_equals_the_preallocated_one():
+    """The basis grows in chunks of 8 steps (19 steps: three chunks, the last partly filled); the quadrature is the
+    former one's, from the same probes."""
+    from lightning_sharpness.curvature import slq
+
+    g = torch.Generator().manual_seed(2)
+    U = torch.linalg.qr(torch.randn(60, 60, generator=g, dtype=torch.float64)).Q
+    A = U @ torch.diag(torch.linspace(-1.0, 4.0, 60, dtype=torch.float64) ** 3) @ U.T
+    dens = slq(DenseOperator(A), probes=3, steps=19, generator=torch.Generator().manual_seed(5))
+    theta, weights = _slq_preallocated(A, 3, 19, 5)
+    assert torch.allclose(dens.nodes, theta, atol=1e-9, rtol=0)
+    assert torch.allclose(dens.weights, weights, atol=1e-9, rtol=0)
+    # 12 steps on a matrix with 12 distinct eigenvalues: each probe's quadrature is exact, q^T A^2 q for its probe q
+    B = U @ torch.diag(torch.arange(12, dtype=torch.float64).repeat_interleave(5)) @ U.T
+    full = slq(DenseOperator(B), probes=2, steps=12, generator=torch.Generator().manual_seed(0))
+    q = rademacher(60, 2, torch.Generator().manual_seed(0), torch.float64, torch.device("cpu")) / 60**0.5
+    assert torch.allclose(full.per_probe(lambda x: x**2), ((B @ q) * (B @ q)).sum(0), atol=1e-9, rtol=0)
+    assert float(full.weights.sum()) == pytest.approx(1.0, abs=1e-12)
