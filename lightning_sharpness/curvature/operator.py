@@ -38,43 +38,38 @@ except ImportError:  # pragma: no cover
     SDPBackend = sdpa_kernel = None
 
 from lightning_sharpness.batching import BATCH_FORMS, as_batches, is_ambiguous
+from lightning_sharpness.selection import ParameterFilter, select_parameters, validate_filter
 
 __all__ = ["HessianOperator", "NonFiniteLossError", "differentiable_attention", "select_named_parameters"]
 
-ParamSelection = None | Sequence[str] | Callable[[str, Tensor], bool]
+ParamSelection = ParameterFilter  # the vocabulary of selection.py, shared with SAM's perturb=
 _BACKENDS = ("auto", "vmap", "jvp", "autograd")
 _CHOICES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> {(params, block): backend}
 
 
 def select_named_parameters(model: nn.Module, params: ParamSelection = None) -> list[tuple[str, Tensor]]:
-    """The trainable parameters of ``model`` chosen by ``params``: ``None`` (all), names, or a predicate.
+    """The trainable parameters of ``model`` chosen by ``params``, in the vocabulary SAM's ``perturb=`` speaks
+    (:func:`lightning_sharpness.selection.select_parameters`): ``None`` or ``"all"``, ``"norm"`` (normalization
+    layers), names, or a predicate ``(name, param) -> bool``.
 
     A parameter used under several names (tied weights, ``self.b.weight = self.a.weight``, or a submodule
     registered twice) is one parameter: it appears once, under the first name ``named_parameters()`` gives it.
-    A list of names may use any of its names; a predicate is asked about that first name, as SAM's ``perturb=``."""
+    A list of names may use any of its names; a predicate is asked about that first name, as SAM's ``perturb=``.
+
+    Raises:
+        TypeError: when ``model`` is not a module or ``params`` is not one of the forms above.
+        ValueError: when ``model`` has no trainable parameter, or ``params`` names an unknown or frozen one or
+            selects none.
+    """
     if not isinstance(model, nn.Module):
         raise TypeError(f"`model` must be a torch.nn.Module, got {type(model).__name__}.")
-    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    if not named:
+    if not any(p.requires_grad for p in model.parameters()):
         raise ValueError(f"`model` ({type(model).__name__}) has no trainable parameter (requires_grad=True).")
-    if params is None:
-        return named
-    if callable(params):
-        chosen = [(n, p) for n, p in named if params(n, p)]
-    elif isinstance(params, Sequence) and not isinstance(params, str):
-        first_name = {id(p): n for n, p in model.named_parameters()}
-        alias = {n: first_name[id(p)] for n, p in model.named_parameters(remove_duplicate=False)}
-        known = {n for n, _ in named}
-        unknown = [n for n in params if alias.get(n) not in known]
-        if unknown:
-            raise ValueError(f"`params` names unknown or frozen parameters {unknown}; trainable: {sorted(known)}.")
-        wanted = {alias[n] for n in params}
-        chosen = [(n, p) for n, p in named if n in wanted]
-    else:
-        raise TypeError(f"`params` must be None, a list of parameter names or a predicate, got {params!r}.")
-    if not chosen:
-        raise ValueError(f"`params={params!r}` selects no trainable parameter of {type(model).__name__}.")
-    return chosen
+    try:
+        validate_filter(params, "params")
+    except ValueError as err:
+        raise TypeError(str(err)) from None
+    return select_parameters(model, params, trainable_only=True, argument="params")
 
 
 def _eval_batch_norm(
