@@ -149,3 +149,114 @@ def run_two_process_script(script: str, out_dir) -> subprocess.CompletedProcess[
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc
+
+
+# ---------------------------------------------------------------------------------------------- the monitor's tests
+# A small classifier whose training_step logs (the monitor's calls must not), its data, and the measures they use.
+
+
+class MonitorNet(pl.LightningModule):
+    """A small classifier; ``training_step`` logs and counts its calls (the monitor's calls must not log)."""
+
+    def __init__(self, seed: int = 0, dropout: float = 0.0, lr: float = 0.1) -> None:
+        super().__init__()
+        torch.manual_seed(seed)
+        self.net = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Dropout(dropout), nn.Linear(8, 3))
+        self.lr = lr
+        self.log_calls = 0
+        self.train_modes: list[bool] = []
+
+    def forward(self, x):
+        return self.net(x)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        loss = F.cross_entropy(self(x).float(), y)
+        self.log("train_loss", loss)
+        return loss
+
+    def log(self, *args, **kwargs) -> None:
+        self.log_calls += 1
+        super().log(*args, **kwargs)
+
+    def validation_step(self, batch, batch_idx):
+        x, y = batch
+        loss = F.cross_entropy(self(x).float(), y)
+        self.log("val_loss", loss)
+        return loss
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=self.lr)
+
+
+def monitor_data(n: int = 40, seed: int = 1) -> TensorDataset:
+    g = torch.Generator().manual_seed(seed)
+    return TensorDataset(torch.randn(n, 6, generator=g), torch.randint(0, 3, (n,), generator=g))
+
+
+def monitor_loader(n: int = 40, batch_size: int = 8, shuffle: bool = False) -> DataLoader:
+    return DataLoader(monitor_data(n), batch_size=batch_size, shuffle=shuffle)
+
+
+def monitor_ce(model: nn.Module, batch) -> torch.Tensor:
+    x, y = batch
+    return F.cross_entropy(model(x), y)
+
+
+def monitor_trainer(tmp_path=None, **kwargs) -> pl.Trainer:
+    defaults = dict(
+        accelerator="cpu",
+        devices=1,
+        logger=RecordingLogger(),
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        max_epochs=1,
+        num_sanity_val_steps=0,
+        default_root_dir=tmp_path,
+    )
+    defaults.update(kwargs)
+    return pl.Trainer(**defaults)
+
+
+TRACE = {"name": "hessian_trace", "method": "hutchinson", "matvecs": 8}
+TOP = {"name": "hessian_eigenvalues", "k": 2}
+
+
+def probe_batches(monitor, dataset: TensorDataset) -> list:
+    return [(dataset[idx][0], dataset[idx][1]) for idx in monitor.state_dict()["probe_indices"]]
+
+
+class MonitorData(pl.LightningDataModule):
+    def train_dataloader(self):
+        return monitor_loader()
+
+    def val_dataloader(self):
+        return monitor_loader(n=16)
+
+
+# ---------------------------------------------------------------------------------------------- quadratics
+class Quadratic(nn.Module):
+    """``loss = 0.5 w^T A w + b^T w``: Hessian exactly ``A``."""
+
+    def __init__(self, A: torch.Tensor, w0: torch.Tensor | None = None, b: torch.Tensor | None = None) -> None:
+        super().__init__()
+        self.register_buffer("A", A)
+        self.register_buffer("b", torch.zeros(A.shape[0], dtype=A.dtype) if b is None else b)
+        self.w = nn.Parameter(torch.zeros(A.shape[0], dtype=A.dtype) if w0 is None else w0.clone())
+
+    def forward(self, batch: torch.Tensor) -> torch.Tensor:
+        return 0.5 * self.w @ self.A @ self.w + self.b @ self.w + 0 * batch.sum()
+
+
+def quad_loss(model: nn.Module, batch: torch.Tensor) -> torch.Tensor:
+    return model(batch)
+
+
+QBATCH = torch.zeros(1, 1, dtype=torch.float64)
+
+
+def rotated(eigs: torch.Tensor, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    Q, _ = torch.linalg.qr(torch.randn(len(eigs), len(eigs), generator=g, dtype=torch.float64))
+    return Q @ torch.diag(eigs.double()) @ Q.T

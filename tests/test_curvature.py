@@ -13,35 +13,10 @@ from torch import nn
 
 from lightning_sharpness import measures as M
 from lightning_sharpness.curvature import DenseOperator, HessianOperator, hutchinson, hutchpp, lanczos_eigs
+from tests.helpers import QBATCH, Quadratic, quad_loss, rotated
 
 
 # ---------------------------------------------------------------------------------------------- fixtures
-class Quadratic(nn.Module):
-    """``loss = 0.5 w^T A w + b^T w``: Hessian exactly ``A``."""
-
-    def __init__(self, A: torch.Tensor, w0: torch.Tensor | None = None, b: torch.Tensor | None = None) -> None:
-        super().__init__()
-        self.register_buffer("A", A)
-        self.register_buffer("b", torch.zeros(A.shape[0], dtype=A.dtype) if b is None else b)
-        self.w = nn.Parameter(torch.zeros(A.shape[0], dtype=A.dtype) if w0 is None else w0.clone())
-
-    def forward(self, batch: torch.Tensor) -> torch.Tensor:
-        return 0.5 * self.w @ self.A @ self.w + self.b @ self.w + 0 * batch.sum()
-
-
-def quad_loss(model: nn.Module, batch: torch.Tensor) -> torch.Tensor:
-    return model(batch)
-
-
-QBATCH = torch.zeros(1, 1, dtype=torch.float64)
-
-
-def rotated(eigs: torch.Tensor, seed: int = 0) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    Q, _ = torch.linalg.qr(torch.randn(len(eigs), len(eigs), generator=g, dtype=torch.float64))
-    return Q @ torch.diag(eigs.double()) @ Q.T
-
-
 def ce(model: nn.Module, batch) -> torch.Tensor:
     return F.cross_entropy(model(batch[0]), batch[1])
 

@@ -11,7 +11,7 @@ from torch import nn
 
 from lightning_sharpness import measures as M
 from lightning_sharpness.geometry import AdaptiveGeometry
-from tests.test_curvature import QBATCH, Quadratic, quad_loss, rotated
+from tests.helpers import QBATCH, Quadratic, quad_loss, rotated
 
 
 def trust_region_max(A: torch.Tensor, g: torch.Tensor, rho: float) -> float:

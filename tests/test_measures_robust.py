@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from lightning_sharpness import measures as M
-from tests.test_curvature import QBATCH, Quadratic, quad_loss, rotated
+from tests.helpers import QBATCH, Quadratic, quad_loss, rotated
 
 
 # ---------------------------------------------------------------------------------------------- diag_sqrt_trace

@@ -5,92 +5,37 @@ from __future__ import annotations
 import copy
 import warnings
 
-import lightning.pytorch as pl
 import pytest
 import torch
-import torch.nn.functional as F
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
-from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader
 
 from lightning_sharpness import measures
 from lightning_sharpness.monitor import SharpnessMonitor, available_measures
-from tests.helpers import RecordingLogger
-
-# ---------------------------------------------------------------------------------------------- fixtures
-
-
-class Net(pl.LightningModule):
-    """A small classifier; ``training_step`` logs and counts its calls (the monitor's calls must not log)."""
-
-    def __init__(self, seed: int = 0, dropout: float = 0.0, lr: float = 0.1) -> None:
-        super().__init__()
-        torch.manual_seed(seed)
-        self.net = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Dropout(dropout), nn.Linear(8, 3))
-        self.lr = lr
-        self.log_calls = 0
-        self.train_modes: list[bool] = []
-
-    def forward(self, x):
-        return self.net(x)
-
-    def training_step(self, batch, batch_idx):
-        x, y = batch
-        loss = F.cross_entropy(self(x).float(), y)
-        self.log("train_loss", loss)
-        return loss
-
-    def log(self, *args, **kwargs) -> None:
-        self.log_calls += 1
-        super().log(*args, **kwargs)
-
-    def validation_step(self, batch, batch_idx):
-        x, y = batch
-        loss = F.cross_entropy(self(x).float(), y)
-        self.log("val_loss", loss)
-        return loss
-
-    def configure_optimizers(self):
-        return torch.optim.SGD(self.parameters(), lr=self.lr)
-
-
-def data(n: int = 40, seed: int = 1) -> TensorDataset:
-    g = torch.Generator().manual_seed(seed)
-    return TensorDataset(torch.randn(n, 6, generator=g), torch.randint(0, 3, (n,), generator=g))
-
-
-def loader(n: int = 40, batch_size: int = 8, shuffle: bool = False) -> DataLoader:
-    return DataLoader(data(n), batch_size=batch_size, shuffle=shuffle)
-
-
-def ce(model: nn.Module, batch) -> torch.Tensor:
-    x, y = batch
-    return F.cross_entropy(model(x), y)
-
-
-def make_trainer(tmp_path=None, **kwargs) -> pl.Trainer:
-    defaults = dict(
-        accelerator="cpu",
-        devices=1,
-        logger=RecordingLogger(),
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        max_epochs=1,
-        num_sanity_val_steps=0,
-        default_root_dir=tmp_path,
-    )
-    defaults.update(kwargs)
-    return pl.Trainer(**defaults)
-
-
-TRACE = {"name": "hessian_trace", "method": "hutchinson", "matvecs": 8}
-TOP = {"name": "hessian_eigenvalues", "k": 2}
-
-
-def probe_batches(monitor: SharpnessMonitor, dataset: TensorDataset) -> list:
-    return [(dataset[idx][0], dataset[idx][1]) for idx in monitor.state_dict()["probe_indices"]]
-
+from tests.helpers import (
+    TOP,
+    TRACE,
+    RecordingLogger,
+    probe_batches,
+)
+from tests.helpers import (
+    MonitorData as Data,
+)
+from tests.helpers import (
+    MonitorNet as Net,
+)
+from tests.helpers import (
+    monitor_ce as ce,
+)
+from tests.helpers import (
+    monitor_data as data,
+)
+from tests.helpers import (
+    monitor_loader as loader,
+)
+from tests.helpers import (
+    monitor_trainer as make_trainer,
+)
 
 # ---------------------------------------------------------------------------------------------- configuration
 
@@ -362,14 +307,6 @@ def test_resume_keeps_probe_set_and_last_step(tmp_path):
     assert resumed.state_dict()["probe_indices"] == state["probe_indices"]
     assert [s for s, _ in logger.values("sharpness/hessian_trace")] == [10]
     assert [s for s, _ in resumed.history] == [0, 5, 10]  # step 5 was measured: not again at the restart
-
-
-class Data(pl.LightningDataModule):
-    def train_dataloader(self):
-        return loader()
-
-    def val_dataloader(self):
-        return loader(n=16)
 
 
 def test_validate_a_checkpoint_measures_it_at_its_global_step(tmp_path):

@@ -33,7 +33,9 @@ def _main(out: Path) -> None:
     from torch.utils.data import DataLoader
 
     from lightning_sharpness.monitor import SharpnessMonitor
-    from tests.test_monitor import Net, ce, data
+    from tests.helpers import MonitorNet as Net
+    from tests.helpers import monitor_ce as ce
+    from tests.helpers import monitor_data as data
 
     seen: list[tuple[str, float]] = []
     current = [""]
@@ -95,7 +97,9 @@ def test_ddp_two_processes_match_a_single_process_measurement(tmp_path):
     assert [s for s, _ in r0["history"]] == [0, 2, 2]  # fit (at fit start, every_n_steps=2), then validate
 
     # Each process measured its share for linear measures, the whole probe set for the others.
-    from tests.test_monitor import Net, ce, data
+    from tests.helpers import MonitorNet as Net
+    from tests.helpers import monitor_ce as ce
+    from tests.helpers import monitor_data as data
 
     val = data(40, seed=5)
     batches = [(val[idx][0], val[idx][1]) for idx in r0["indices"]]

@@ -20,8 +20,13 @@ from torch.utils.data import DataLoader
 from lightning_sharpness import measures
 from lightning_sharpness.monitor import SharpnessMonitor
 from lightning_sharpness.monitor import callback as monitor_callback
-from tests.helpers import RecordingLogger, run_two_process_script
-from tests.test_monitor import TOP, TRACE, Data, Net, ce, data, loader, make_trainer, probe_batches
+from tests.helpers import TOP, TRACE, RecordingLogger, probe_batches, run_two_process_script
+from tests.helpers import MonitorData as Data
+from tests.helpers import MonitorNet as Net
+from tests.helpers import monitor_ce as ce
+from tests.helpers import monitor_data as data
+from tests.helpers import monitor_loader as loader
+from tests.helpers import monitor_trainer as make_trainer
 
 ROOT = Path(__file__).resolve().parents[1]
 HEAVY = {"name": "hessian_eigenvalues", "max_iter": 60, "tol": 1e-12}  # far more than 5% of these tiny steps

@@ -7,7 +7,10 @@ from lightning.pytorch.callbacks import Callback
 
 from lightning_sharpness.monitor import SharpnessMonitor
 from lightning_sharpness.sam.callback import SAM
-from tests.test_monitor import TRACE, Net, loader, make_trainer
+from tests.helpers import TRACE
+from tests.helpers import MonitorNet as Net
+from tests.helpers import monitor_loader as loader
+from tests.helpers import monitor_trainer as make_trainer
 
 
 class Weights(Callback):

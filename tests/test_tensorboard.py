@@ -17,7 +17,8 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from lightning_sharpness.monitor import SharpnessMonitor
-from tests.test_monitor import Net, loader
+from tests.helpers import MonitorNet as Net
+from tests.helpers import monitor_loader as loader
 
 MEASURES = [
     {"name": "hessian_eigenvalues", "k": 2},
