@@ -1,9 +1,28 @@
 """Sharpness-aware training: the plain-torch engine and its Lightning faces."""
 
+from lightning_sharpness.sam.bsam import BSAM, BSAMOptimizer
 from lightning_sharpness.sam.callback import ASAM, SAM, USAM
 from lightning_sharpness.sam.engine import SAMEngine
+from lightning_sharpness.sam.family import GSAM, WSAM, FriendlySAM, LookSAM
 from lightning_sharpness.sam.mixin import SAMMixin
-from lightning_sharpness.sam.schedules import ConstantRho, CosineRho, LinearRho, RhoSchedule, StepRho
+from lightning_sharpness.sam.rsam import RSAM
+from lightning_sharpness.sam.saf import MESA, SAF, WithIndex
+from lightning_sharpness.sam.schedules import (
+    ConstantRho,
+    CosineRho,
+    LinearRho,
+    ProportionalRho,
+    RhoSchedule,
+    StepRho,
+)
+from lightning_sharpness.sam.ssam import SSAMD, SSAMF
+from lightning_sharpness.sam.variants import (
+    FriendlyAscent,
+    LookAhead,
+    SAMVariant,
+    SurrogateGap,
+    WeightedSharpness,
+)
 
 __all__ = [
     "SAM",
@@ -16,4 +35,22 @@ __all__ = [
     "LinearRho",
     "CosineRho",
     "StepRho",
+    "ProportionalRho",
+    "GSAM",
+    "WSAM",
+    "FriendlySAM",
+    "LookSAM",
+    "BSAM",
+    "BSAMOptimizer",
+    "SSAMF",
+    "SSAMD",
+    "SAF",
+    "MESA",
+    "WithIndex",
+    "RSAM",
+    "SAMVariant",
+    "SurrogateGap",
+    "WeightedSharpness",
+    "FriendlyAscent",
+    "LookAhead",
 ]
