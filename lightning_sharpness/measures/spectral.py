@@ -176,12 +176,15 @@ def hessian_trace(
     return Estimate(est.value, est.stderr, est.matvecs, {"method": method})
 
 
-@register(
-    mean_over_examples=True,
+#: The two measures read from one diagonal estimate: exact costs one product per parameter.
+_DIAGONAL_RECORD = dict(
     products=lambda o: Products("matvecs", 1, 2),
     sizes=lambda o, dim: [] if o["exact"] else [("matvecs", o["matvecs"], 2)],
     cost=lambda o, dim: {"build": 1, "hvp": (dim or o["matvecs"]) if o["exact"] else o["matvecs"]},
 )
+
+
+@register(mean_over_examples=True, **_DIAGONAL_RECORD)
 def hessian_diagonal(
     model: nn.Module,
     loss_fn: LossFn,
@@ -208,11 +211,7 @@ def hessian_diagonal(
     return DiagonalResult(float(est.value.sum()), trace_err, est.matvecs, {}, diagonal=diag, diagonal_stderr=err)
 
 
-@register(  # a square root of a mean is not a mean: the whole probe set on every process
-    products=lambda o: Products("matvecs", 1, 2),
-    sizes=lambda o, dim: [] if o["exact"] else [("matvecs", o["matvecs"], 2)],
-    cost=lambda o, dim: {"build": 1, "hvp": (dim or o["matvecs"]) if o["exact"] else o["matvecs"]},
-)
+@register(mean_over_examples=False, **_DIAGONAL_RECORD)  # a square root of a mean is not a mean of square roots
 def diag_sqrt_trace(
     model: nn.Module,
     loss_fn: LossFn,

@@ -14,7 +14,6 @@ of per-shard values, which would be a different (and biased) number.
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict
@@ -23,13 +22,11 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
-from torch import Tensor
 from torch.utils.data import DataLoader
 
-from lightning_sharpness.batching import Batches, batch_size, first_examples, move_to_device
-from lightning_sharpness.measures import LossFn, hessian_operator, measuring
+from lightning_sharpness.batching import batch_size, first_examples, move_to_device
+from lightning_sharpness.measures import LossFn
 from lightning_sharpness.monitor.context import (
     MeasurementFailed,
     agree,
@@ -37,7 +34,6 @@ from lightning_sharpness.monitor.context import (
     max_over_processes,
     measuring_context,
     run_together,
-    sync,
 )
 from lightning_sharpness.monitor.plan import (
     AUTO_MAX_OVERHEAD,
@@ -49,13 +45,16 @@ from lightning_sharpness.monitor.plan import (
     plan_line,
     scheduled_points,
     size_plan,
+    time_gradient,
+    time_products,
 )
 from lightning_sharpness.monitor.probe import ProbeSet, probe_loader, select_probe, step_loss
+from lightning_sharpness.monitor.report import landscape_images, log_measurement
+from lightning_sharpness.monitor.run import run_measures
 from lightning_sharpness.monitor.spec import (
     DEFAULT_MEASURES,
     DENSITY_MODES,
     PROBE_SOURCES,
-    Measure,
     MeasureSpec,
     parse_landscape,
     parse_measures,
@@ -404,40 +403,12 @@ class SharpnessMonitor(Callback):
             self._measure(trainer, pl_module, guarded=False)  # an error here stops fit: nothing has trained yet
 
     def _time_gradient(self, pl_module: pl.LightningModule, batch: Any) -> float:
-        """Seconds of one forward and backward pass of the loss on one batch, about a training step's work (timed
-        after the products, which warmed the kernels up)."""
-        params = [p for p in pl_module.parameters() if p.requires_grad]
-        with measuring(pl_module), torch.enable_grad():
-            sync(pl_module.device)
-            start = time.perf_counter()
-            torch.autograd.grad(self._loss()(pl_module, batch), params, allow_unused=True)
-            sync(pl_module.device)
-            return time.perf_counter() - start
+        return time_gradient(pl_module, self._loss(), batch)
 
     def _time_products(
         self, pl_module: pl.LightningModule, batches: Sequence[Any], warm_up: bool = False
     ) -> tuple[float, float]:
-        """Seconds of building the gradient graphs of ``batches`` and of one Hessian-vector product through them,
-        by the operator the measures use (the same backend choice; a model it cannot handle fails here). With
-        ``warm_up``, the faster of two of each: the first of a process pays for warming the kernels up (twice the
-        time on a CPU ResNet-18)."""
-        build = hvp = math.inf
-        with measuring(pl_module):
-            op = hessian_operator(pl_module, self._loss(), Batches(batches))
-            v = torch.ones(op.dim, dtype=op.dtype, device=op.device)
-            for _ in range(2 if warm_up else 1):
-                op.release()
-                sync(op.device)
-                start = time.perf_counter()
-                op.gradient()
-                sync(op.device)
-                build = min(build, time.perf_counter() - start)
-                start = time.perf_counter()
-                op @ v
-                sync(op.device)
-                hvp = min(hvp, time.perf_counter() - start)
-            op.release()
-        return build, hvp
+        return time_products(pl_module, self._loss(), batches, warm_up)
 
     def _make_plan(self, trainer: pl.Trainer, pl_module: pl.LightningModule, start: float) -> Plan:
         """Time one gradient and one Hessian-vector product on the probe set and size the measurement to the
@@ -561,91 +532,14 @@ class SharpnessMonitor(Callback):
             return self._device_batches(trainer, pl_module, head)
 
         batches = run_together(trainer, pl_module, prepare)
-        device = pl_module.device
-        world, rank = trainer.world_size, trainer.global_rank
-        shard = batches[rank::world]
-        shard_size = sum(batch_size(b) for b in shard)
-        loss_fn = self._loss()
-        values: dict[str, float] = {}
-        results: dict[str, Any] = {}
-        hvps_left = self.max_hvps
-        for m in self.measures:
-            if self.max_seconds is not None and values:  # the first measure always runs
-                late = time.perf_counter() - start > self.max_seconds
-                if agree(trainer, late):
-                    rank_zero_warn(f"SharpnessMonitor: max_seconds={self.max_seconds} spent; skipping {m.tag}.")
-                    continue
-            base = plan.options.get(m.tag, m.options) if plan is not None else m.options
-            options = base if hvps_left is None else m.within(hvps_left, base)
-            if options is None:
-                rank_zero_warn(f"SharpnessMonitor: max_hvps={self.max_hvps} spent; skipping {m.tag}.")
-                continue
-            if world > 1 and m.linear:
-                # Each process measures its share; mean of means weighted by the number of examples.
-                def local(m: Measure = m, options: dict = options) -> Any:
-                    return m.fn(pl_module, loss_fn, Batches(shard), **options) if shard else None
-
-                result = run_together(trainer, pl_module, local)
-                local_value = 0.0 if result is None else float(result)
-                total = trainer.strategy.reduce(
-                    torch.tensor([local_value * shard_size, float(shard_size)], dtype=torch.float64, device=device),
-                    reduce_op="sum",
-                )
-                values[m.tag] = float(total[0] / total[1])
-                results[m.tag] = result
-                if hvps_left is not None:  # the most any process used
-                    used = getattr(result, "matvecs", 0) if result is not None else 0
-                    hvps_left -= int(trainer.strategy.reduce(torch.tensor(used, device=device), reduce_op="max"))
-            else:
-                result = run_together(
-                    trainer,
-                    pl_module,
-                    lambda m=m, options=options: m.fn(pl_module, loss_fn, Batches(batches), **options),
-                )
-                values[m.tag] = float(result)
-                results[m.tag] = result
-                for key, value in self._extra_scalars(result).items():
-                    values[f"{m.tag}/{key}"] = value
-                if hvps_left is not None:
-                    hvps_left -= int(getattr(result, "matvecs", 0) or 0)
-        if world > 1:  # whole-set measures ran on every process; float noise aside they agree: take rank 0's
-            values = trainer.strategy.broadcast(values, src=0)
-        return values, results
-
-    @staticmethod
-    def _extra_scalars(result: Any) -> dict[str, float]:
-        """Further scalars of a result worth a curve: each of several eigenvalues, the standard error."""
-        extra: dict[str, float] = {}
-        eigenvalues = getattr(result, "eigenvalues", None)
-        if isinstance(eigenvalues, Tensor) and eigenvalues.numel() > 1:
-            for i, v in enumerate(eigenvalues.flatten().tolist()):
-                extra[f"eigenvalue_{i}"] = float(v)
-        stderr = getattr(result, "stderr", None)
-        if isinstance(stderr, (int, float, Tensor)) and (not isinstance(stderr, Tensor) or stderr.numel() == 1):
-            extra["stderr"] = float(stderr)
-        return extra
+        planned = plan.options if plan is not None else {}
+        return run_measures(
+            trainer, pl_module, self.measures, batches, self._loss(), planned, self.max_seconds, self.max_hvps, start
+        )
 
     def _landscape_images(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, Any]:
-        if not trainer.is_global_zero or not any(isinstance(lg, TensorBoardLogger) for lg in trainer.loggers):
-            return {}
-        from lightning_sharpness import landscape
-
         assert self.landscape is not None and self._probe is not None
-        batches = [move_to_device(b, pl_module.device) for b in self._probe.batches]
-        loss_fn = self.loss_fn or step_loss(self._hook())
-        cfg = self.landscape
-        images = {}
-        if 1 in cfg["dims"]:
-            curve = landscape.loss_landscape_1d(
-                pl_module, loss_fn, batches, steps=cfg["steps"], span=cfg["span"], seed=cfg["seed"]
-            )
-            images["landscape_1d"] = landscape.plot_landscape_1d(curve)
-        if 2 in cfg["dims"]:
-            surface = landscape.loss_landscape_2d(
-                pl_module, loss_fn, batches, steps=cfg["steps"], span=cfg["span"], seed=cfg["seed"]
-            )
-            images["landscape_2d"] = landscape.plot_landscape_2d(surface)
-        return images
+        return landscape_images(trainer, pl_module, self._loss(), self._probe.batches, self.landscape)
 
     # ------------------------------------------------------------------ logging
     def _log(
@@ -657,26 +551,7 @@ class SharpnessMonitor(Callback):
         images: dict[str, Any],
         scalars: bool = True,
     ) -> None:
-        if not trainer.is_global_zero:
-            return
-        if scalars:  # (trainer.validate logs them through the module instead)
-            metrics = {f"sharpness/{k}": v for k, v in values.items()}
-            for logger in trainer.loggers:
-                logger.log_metrics(metrics, step=step)
-        tensorboards = [lg for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)]
-        for logger in tensorboards:
-            writer = logger.experiment
-            for tag, image in images.items():
-                writer.add_image(f"sharpness/{tag}", image, global_step=step, dataformats="HWC")
-            for m in self.measures:
-                if m.name == "spectral_density" and results.get(m.tag) is not None and self.density != "none":
-                    self._log_density(writer, f"sharpness/{m.tag}", results[m.tag], step)
-            writer.flush()
-
-    def _log_density(self, writer: Any, tag: str, result: Any, step: int) -> None:
-        from lightning_sharpness import landscape
-
-        landscape.log_density(writer, tag, result, step, mode=self.density)
+        log_measurement(trainer, step, values, results, images, self.measures, self.density, scalars)
 
     def __repr__(self) -> str:
         return (

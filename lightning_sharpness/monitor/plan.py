@@ -20,8 +20,11 @@ from dataclasses import dataclass
 from typing import Any
 
 import lightning.pytorch as pl
+import torch
 
-from lightning_sharpness.monitor.context import positive_finite
+from lightning_sharpness.batching import Batches
+from lightning_sharpness.measures import LossFn, hessian_operator, measuring
+from lightning_sharpness.monitor.context import positive_finite, sync
 from lightning_sharpness.monitor.spec import Measure
 
 __all__ = [
@@ -34,6 +37,8 @@ __all__ = [
     "plan_line",
     "scheduled_points",
     "size_plan",
+    "time_gradient",
+    "time_products",
 ]
 
 #: ``max_overhead="auto"``: this budget for the default schedule, none for an explicit one.
@@ -282,3 +287,41 @@ def size_plan(
             "trainer.validate"
         ),
     )
+
+
+def time_gradient(pl_module: pl.LightningModule, loss_fn: LossFn, batch: Any) -> float:
+    """Seconds of one forward and backward pass of the loss on one batch, about a training step's work (timed
+    after the products, which warmed the kernels up)."""
+    params = [p for p in pl_module.parameters() if p.requires_grad]
+    with measuring(pl_module), torch.enable_grad():
+        sync(pl_module.device)
+        start = time.perf_counter()
+        torch.autograd.grad(loss_fn(pl_module, batch), params, allow_unused=True)
+        sync(pl_module.device)
+        return time.perf_counter() - start
+
+
+def time_products(
+    pl_module: pl.LightningModule, loss_fn: LossFn, batches: Sequence[Any], warm_up: bool = False
+) -> tuple[float, float]:
+    """Seconds of building the gradient graphs of ``batches`` and of one Hessian-vector product through them,
+    by the operator the measures use (the same backend choice; a model it cannot handle fails here). With
+    ``warm_up``, the faster of two of each: the first of a process pays for warming the kernels up (twice the
+    time on a CPU ResNet-18)."""
+    build = hvp = math.inf
+    with measuring(pl_module):
+        op = hessian_operator(pl_module, loss_fn, Batches(batches))
+        v = torch.ones(op.dim, dtype=op.dtype, device=op.device)
+        for _ in range(2 if warm_up else 1):
+            op.release()
+            sync(op.device)
+            start = time.perf_counter()
+            op.gradient()
+            sync(op.device)
+            build = min(build, time.perf_counter() - start)
+            start = time.perf_counter()
+            op @ v
+            sync(op.device)
+            hvp = min(hvp, time.perf_counter() - start)
+        op.release()
+    return build, hvp
