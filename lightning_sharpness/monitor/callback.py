@@ -17,7 +17,7 @@ from __future__ import annotations
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict
-from typing import Any
+from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
@@ -126,6 +126,12 @@ class SharpnessMonitor(Callback):
             every_n_steps=200,
         )
         trainer = Trainer(callbacks=[monitor])
+
+    Raises:
+        ValueError: when the callback is built, for an unknown measure or option, a bad option value (checked by
+            the measure's own validators), or a bad schedule, probe, budget, ``density``, ``landscape`` or
+            ``progress_bar``, naming the argument and what it allows; at fit start (before any training step),
+            when the probe source is missing or empty, or the first measurement fails.
     """
 
     def __init__(
@@ -135,15 +141,15 @@ class SharpnessMonitor(Callback):
         every_n_epochs: int | None = None,
         on_train_end: bool = True,
         on_validate: bool = True,
-        probe: str | DataLoader = "train",
+        probe: Literal["train", "val"] | DataLoader = "train",
         probe_batches: int = 2,
         loss_fn: LossFn | None = None,
         seed: int = 0,
         max_seconds: float | None = None,
         max_hvps: int | None = None,
-        max_overhead: float | str | None = "auto",
+        max_overhead: float | Literal["auto"] | None = "auto",
         fp32: bool = True,
-        density: str = "histogram",
+        density: Literal["histogram", "image", "both", "none"] = "histogram",
         landscape: bool | Mapping[str, Any] = False,
         progress_bar: str | None = None,
     ) -> None:
