@@ -233,6 +233,11 @@ def worst_case_sharpness(
 
         s = worst_case_sharpness(model, loss_fn, (x, y), rho=0.05, geometry="adaptive", m=16)
         float(s), s.stderr
+
+    Raises:
+        ValueError: for a negative ``rho``, a ``norm`` the geometry does not define, another ``init``, ``steps``,
+            ``restarts`` or ``m`` below 1, ``m`` not dividing a batch, or ``step_size <= 0``.
+        NonFiniteLossError: when the loss is NaN or infinite, naming the measure and the batch.
     """
     check_choice(init, "init", ("random", "zero"))
     check_int(steps, "steps")
@@ -301,6 +306,10 @@ def average_case_sharpness(
 
         s = average_case_sharpness(model, loss_fn, (x, y), rho=0.01, samples=200)
         float(s), s.stderr
+
+    Raises:
+        ValueError: for a negative ``rho``, a ``norm`` the geometry does not define, or ``samples < 2``.
+        NonFiniteLossError: when the loss is NaN or infinite, naming the measure and the batch.
     """
     check_int(samples, "samples", 2)
     with measuring(model):

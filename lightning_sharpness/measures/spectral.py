@@ -114,6 +114,11 @@ def hessian_eigenvalues(
 
         top = hessian_eigenvalues(model, loss_fn, (x, y), k=3)
         float(top), top.eigenvalues
+
+    Raises:
+        ValueError: for ``which``, ``start`` or ``k`` out of range (``1 <= k <=`` the parameter count), or batches
+            outside the contract (:mod:`lightning_sharpness.batching`).
+        NonFiniteLossError: when the loss is NaN or infinite, naming the measure and the batch.
     """
     check_choice(which, "which", ("largest", "smallest"))
     check_choice(start, "start", ("auto", "gradient", "random"))
@@ -168,6 +173,11 @@ def hessian_trace(
 
         t = hessian_trace(model, loss_fn, loader, matvecs=99)
         float(t), t.stderr
+
+    Raises:
+        ValueError: for another ``method``, too few ``matvecs`` (2 for Hutchinson, 6 for Hutch++), or batches
+            outside the contract.
+        NonFiniteLossError: when the loss is NaN or infinite, naming the measure and the batch.
     """
     check_choice(method, "method", ("hutch++", "hutchinson"))
     with measuring(model):
@@ -201,6 +211,10 @@ def hessian_diagonal(
 
         d = hessian_diagonal(model, loss_fn, (x, y), exact=True)
         d.diagonal["0.weight"]
+
+    Raises:
+        ValueError: for ``matvecs < 2`` (stochastic), or batches outside the contract.
+        NonFiniteLossError: when the loss is NaN or infinite, naming the measure and the batch.
     """
     with measuring(model):
         op = HessianOperator(model, loss_fn, batches, params=params, backend=backend)
@@ -238,6 +252,10 @@ def diag_sqrt_trace(
 
         r = diag_sqrt_trace(model, loss_fn, (x, y), matvecs=200)
         float(r), r.info["interval"], r.info["trace"]
+
+    Raises:
+        ValueError: for ``matvecs < 2`` (stochastic), or batches outside the contract.
+        NonFiniteLossError: when the loss is NaN or infinite, naming the measure and the batch.
     """
     with measuring(model):
         op = HessianOperator(model, loss_fn, batches, params=params, backend=backend)
@@ -267,6 +285,10 @@ def spectral_density(
 
         d = spectral_density(model, loss_fn, (x, y), probes=4, steps=60)
         edges, mass = d.density.histogram(bins=60)
+
+    Raises:
+        ValueError: for ``probes`` or ``steps`` below 1, or batches outside the contract.
+        NonFiniteLossError: when the loss is NaN or infinite, naming the measure and the batch.
     """
     with measuring(model):
         op = HessianOperator(model, loss_fn, batches, params=params, backend=backend)
@@ -310,6 +332,11 @@ def renyi_sharpness(
     Example::
 
         float(renyi_sharpness(model, loss_fn, (x, y), alpha=2))
+
+    Raises:
+        ValueError: for ``alpha <= 0``, another ``method``, ``method='frobenius'`` with ``alpha != 2``, too few
+            ``matvecs``, or a spectrum with no positive mass to normalize.
+        NonFiniteLossError: when the loss is NaN or infinite, naming the measure and the batch.
     """
     alpha = check_number(alpha, "alpha", minimum=0, strict=True)
     method = method or ("frobenius" if alpha == 2 else "slq")
