@@ -6,15 +6,19 @@ from __future__ import annotations
 import copy
 import warnings
 
+import lightning.pytorch as pl
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lightning_sharpness import SAM
+from lightning_sharpness.batching import count_examples
 from lightning_sharpness.geometry import AdaptiveGeometry, Geometry, StandardGeometry
-from lightning_sharpness.sam.engine import SAMEngine, accumulate_sam_gradient
+from lightning_sharpness.sam.engine import SAMEngine, accumulate_sam_gradient, loss_scale
 from lightning_sharpness.sam.vectorized import vectorizable_geometry, vectorized_msam_gradient
-from tests.helpers import classification_data, cnn_bn, mlp
+from tests import reference
+from tests.helpers import assert_same_weights, classification_data, clone, cnn_bn, loader, mlp, trainer
 from tests.reference import norm_buffers
 
 
@@ -277,3 +281,65 @@ def test_bad_arguments_name_themselves(argument, value, message):
     kwargs[argument] = value
     with pytest.raises(ValueError, match=message):
         vectorized_msam_gradient(**kwargs)
+
+
+# ---------------------------------------------------------------- the integration, through Lightning
+class VectorizedSAM(SAM):
+    """The SAM callback with the m-SAM loop replaced by the vectorized passes, as the engine is to wire it."""
+
+    def _local_sam_pass(self, trainer, pl_module) -> None:
+        engine = self.engine
+        if engine.m is None or count_examples(self._batch) <= engine.m:
+            return super()._local_sam_pass(trainer, pl_module)
+        k, scale = trainer.accumulate_grad_batches, loss_scale(trainer.precision_plugin)
+        engine.take_grads()  # Lightning's whole-batch gradient: not a chunk's
+        engine.put_grads(self._stash)
+        stats = vectorized_msam_gradient(
+            pl_module, lambda module, chunk: self._loss(trainer, pl_module, chunk), self._batch, engine.m,
+            self._stats.rho, engine._bound_geometry, engine._params,
+            backward=lambda loss: self._backward(trainer, pl_module, loss, k / scale), normalize=engine.normalize,
+            eps=engine.eps, grad_divisor=scale / k, norm_stats_frozen=engine.bn_update == "first",
+        )  # fmt: skip
+        self.vectorized_steps = getattr(self, "vectorized_steps", 0) + (stats is not None)
+        if stats is None:
+            self._stash = engine.take_grads()
+            return super()._local_sam_pass(trainer, pl_module)
+        self._stash = []
+        self._record(stats.perturbed_loss / k, stats.grad_norm)
+
+
+class LoggingClassifier(pl.LightningModule):
+    """Logs in training_step (muted in the vectorized passes) and has no ``.item()``: it can be vmapped."""
+
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        self.net = net
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        loss = F.cross_entropy(self.net(x), y)
+        self.log("train_loss", loss)
+        return loss
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1, momentum=0.9)
+
+
+@pytest.mark.parametrize(("callback", "reference_kwargs"), [
+    (lambda: VectorizedSAM(rho=0.05, m=4), dict(rho=0.05, m=4)),
+    (lambda: VectorizedSAM(rho=0.5, m=5, geometry=AdaptiveGeometry(0.01)), dict(rho=0.5, m=5, eta=0.01)),
+])  # fmt: skip
+def test_callback_with_vectorized_passes_equals_the_reference(callback, reference_kwargs):
+    """Four steps of the callback, the loop replaced, against the plain-PyTorch reference (BatchNorm statistics
+    included: state_dict holds them), with 16-example batches (m=5: a short last chunk)."""
+    x, y = classification_data(image=True)
+    net = cnn_bn()
+    reference_net = clone(net)
+    sam = callback()
+    trainer(max_steps=4, callbacks=[sam]).fit(LoggingClassifier(net), loader(x, y))
+    optimizer = torch.optim.SGD(reference_net.parameters(), lr=0.1, momentum=0.9)
+    for i in range(4):
+        batch = slice(i * 16, (i + 1) * 16)
+        reference.sam_step(reference_net, optimizer, x[batch], y[batch], **reference_kwargs)
+    assert sam.vectorized_steps == 4
+    assert_same_weights(net, reference_net)

@@ -6,7 +6,8 @@ m-SAM perturbs each chunk ``c_i`` of ``m`` examples by its own gradient. The eng
 of ``|c_i| / n * L_i(w + e_i)`` and the undo: ``2 n / m`` small passes per step, dominated by per-pass
 overhead when ``m`` is small. Here the same quantities come from two vectorized passes per slice of chunks:
 
-1. ``vmap(grad(L))`` over the chunks at the shared weights ``w``: every ``g_i`` at once (no ``.grad`` touched);
+1. the loss vmapped over the chunks and over ``w`` expanded along a chunk dimension, and ``autograd.grad`` of the
+   sum with respect to that expanded leaf: every ``g_i`` at once (no ``.grad`` touched);
 2. the perturbed weights ``W_i = w + e_i`` stacked along a chunk dimension, ``vmap`` of the loss over
    ``(W_i, c_i)`` and ONE real backward of ``sum_i |c_i| / n * L_i(W_i)`` through the caller's ``backward``
    (precision plugin, GradScaler, ``manual_backward``). Since ``W_i = w + e_i`` with ``e_i`` detached, the
@@ -40,7 +41,7 @@ from typing import Any
 import torch
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import Tensor, nn
-from torch.func import functional_call, grad, vmap
+from torch.func import functional_call, vmap
 
 from lightning_sharpness.batching import count_examples
 from lightning_sharpness.geometry import Geometry
@@ -350,22 +351,31 @@ class _NonFinite(Exception):
 
 
 def _first_pass(plan: _Plan, chunks: list[Tensor], grad_divisor: float, pass_context: Callable):
-    """Per-chunk gradients at ``w`` of the perturbed parameters (scaled by ``grad_divisor``), losses, norms."""
-    weights = {name: p.detach() for name, p in zip(plan.names, plan.params)}
+    """Per-chunk gradients at ``w`` of the perturbed parameters (scaled by ``grad_divisor``), losses, norms.
 
-    def scaled_loss(params: dict[str, Tensor], leaves: list[Tensor]) -> tuple[Tensor, Tensor]:
-        loss = functional_call(plan.call, params, (leaves,))
-        return loss * grad_divisor, loss.detach()
-
-    # no_grad: no graph at the outer level for the parameters left on the module; grad() ignores it inside.
-    with torch.no_grad(), pass_context():
-        grads, losses = vmap(grad(scaled_loss, has_aux=True), in_dims=(None, 0), randomness="error")(weights, chunks)
-    g = [grads[name] for name in plan.names]
+    The weights enter as ``w`` expanded along the chunk dimension, a leaf of the graph: the gradient of the sum of
+    the chunk losses with respect to it holds every chunk's gradient in its rows (chunk ``i``'s loss depends on
+    row ``i`` only). On CPU this is faster than ``vmap(grad(...))``, whose nested transforms cost more per op.
+    """
+    count = chunks[0].shape[0]
+    with torch.enable_grad(), pass_context():
+        stacked = [p.detach().unsqueeze(0).expand(count, *p.shape).requires_grad_() for p in plan.params]
+        losses = _chunk_losses(plan, dict(zip(plan.names, stacked)), chunks)
+        g = list(torch.autograd.grad(losses.sum() * grad_divisor, stacked))
     sq_norm = sum(_per_chunk_sq(gi, t) for gi, t in zip(g, plan.scales))
     norms = sq_norm.sqrt() / grad_divisor
     if not bool(torch.isfinite(norms).all()):
         raise _NonFinite
-    return g, losses, norms
+    return g, losses.detach(), norms
+
+
+def _chunk_losses(plan: _Plan, weights: dict[str, Tensor], chunks: list[Tensor]) -> Tensor:
+    """``L_i(W_i)`` for every chunk ``i``: the loss vmapped over the rows of the weights and of the chunks."""
+
+    def chunk_loss(params: dict[str, Tensor], leaves: list[Tensor]) -> Tensor:
+        return functional_call(plan.call, params, (leaves,))
+
+    return vmap(chunk_loss, in_dims=(0, 0), randomness="error")(weights, chunks)
 
 
 def _per_chunk_sq(g: Tensor, scale: Tensor | None) -> Tensor:
@@ -388,13 +398,9 @@ def _ascent_steps(plan, g, norms, rho, normalize, eps, grad_divisor) -> list[Ten
 def _perturbed_losses(plan, chunks, steps, weights, pass_context) -> tuple[Tensor, Tensor]:
     """``sum_i weight_i L_i(w + e_i)`` with its graph, and the ``L_i(w + e_i)``. Its backward sums the
     per-chunk gradients into ``w.grad`` (the broadcast add ``w + e_i`` sums over the chunk dimension)."""
-
-    def chunk_loss(params: dict[str, Tensor], leaves: list[Tensor]) -> Tensor:
-        return functional_call(plan.call, params, (leaves,))
-
     with torch.enable_grad(), pass_context():
         moved = {name: p.unsqueeze(0) + e for name, p, e in zip(plan.names, plan.params, steps)}
-        losses = vmap(chunk_loss, in_dims=(0, 0), randomness="error")(moved, chunks)
+        losses = _chunk_losses(plan, moved, chunks)
         total = (losses * weights.to(losses)).sum()
     return total, losses.detach()
 
