@@ -1,4 +1,4 @@
-"""Overhead around the Hessian-vector products: Hutchinson's and Hutch++'s traces and Lanczos on a ~200k-parameter
+"""Overhead around the Hessian-vector products: Hutchinson's, Hutch++'s and XTrace's traces and Lanczos on a ~200k-parameter
 ReLU MLP.
 
 Model: a 100-400-400-10 ReLU MLP (204,810 parameters), cross-entropy on one batch of 256 from a noisy teacher,
@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from peak_memory import PeakMemory
 from torch import nn
 
-from lightning_sharpness.curvature import HessianOperator, hutchinson, hutchpp, lanczos_eigs
+from lightning_sharpness.curvature import HessianOperator, hutchinson, hutchpp, lanczos_eigs, xtrace
 
 REPEATS = 5
 
@@ -98,6 +98,8 @@ def main() -> None:
             measure(f"hutchinson {probes}", op, lambda p=probes: hutchinson(op, p, torch.Generator().manual_seed(0)))
         )
     rows.append(measure("hutch++ 99", op, lambda: hutchpp(op, 99, torch.Generator().manual_seed(0))))
+    for m in (48, 98):
+        rows.append(measure(f"xtrace {m}", op, lambda m=m: xtrace(op, m, torch.Generator().manual_seed(0))))
     for tol in (1e-2, 1e-3):
 
         def eig(t=tol):
