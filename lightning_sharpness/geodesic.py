@@ -23,7 +23,7 @@ from lightning_sharpness.attention_heads import (
     find_attention,
     no_attention_message,
 )
-from lightning_sharpness.geometry import AdaptiveGeometry
+from lightning_sharpness.geometry import AdaptiveGeometry, Norm
 
 __all__ = ["GeodesicGeometry"]
 
@@ -287,12 +287,12 @@ class GeodesicGeometry(AdaptiveGeometry):
     def linf_ascent_(self, params: Sequence[Tensor], grads: Sequence[Tensor], coefficient: float | Tensor) -> None:
         raise ValueError("`norm='linf'` is not defined for the geodesic geometry; use norm='l2'.")
 
-    def project_(self, params: Sequence[Tensor], steps: Sequence[Tensor], rho: float, norm: str = "l2") -> None:
+    def project_(self, params: Sequence[Tensor], steps: Sequence[Tensor], rho: float, norm: Norm = "l2") -> None:
         self.check_norm(norm)
         self.horizontal_(params, steps)
         super().project_(params, steps, rho, "l2")
 
-    def sample(self, params: Sequence[Tensor], generator: torch.Generator, norm: str = "l2") -> list[Tensor]:
+    def sample(self, params: Sequence[Tensor], generator: torch.Generator, norm: Norm = "l2") -> list[Tensor]:
         """A standard Gaussian in the metric: ``T * N(0, 1)`` elsewhere and, per head pair, ``Z G`` with ``Z``
         square standard normal (rows ``~ N(0, G^T G)``, equivariant under ``G -> G A``), made horizontal."""
         self.check_norm(norm)

@@ -14,11 +14,17 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from typing import Literal
 
 import torch
 from torch import Tensor
 
-__all__ = ["AdaptiveGeometry", "Geometry", "StandardGeometry", "resolve_geometry"]
+__all__ = ["AdaptiveGeometry", "Geometry", "GeometryName", "Norm", "StandardGeometry", "resolve_geometry"]
+
+#: The balls a geometry may define: Euclidean (scaled by ``T``) or a box.
+Norm = Literal["l2", "linf"]
+#: The geometries known by name.
+GeometryName = Literal["standard", "adaptive", "geodesic"]
 
 
 class Geometry:
@@ -112,7 +118,7 @@ class Geometry:
     # ------------------------------------------------------------------ used by the sharpness measures
     norms: tuple[str, ...] = ("l2", "linf")
 
-    def check_norm(self, norm: str) -> str:
+    def check_norm(self, norm: str) -> Norm:
         """Raise unless this geometry defines balls of ``norm``."""
         if norm not in self.norms:
             raise ValueError(f"`norm` must be one of {list(self.norms)} for the {self.name} geometry, got {norm!r}.")
@@ -136,7 +142,7 @@ class Geometry:
                 g.mul_(t)
             g.mul_(coefficient)
 
-    def project_(self, params: Sequence[Tensor], steps: Sequence[Tensor], rho: float, norm: str = "l2") -> None:
+    def project_(self, params: Sequence[Tensor], steps: Sequence[Tensor], rho: float, norm: Norm = "l2") -> None:
         """Project perturbations, in place, onto the ball ``||delta / T|| <= rho`` (l2 or l-inf)."""
         if norm == "linf":
             for p, d in zip(params, steps):
@@ -150,7 +156,7 @@ class Geometry:
         if size > rho:
             torch._foreach_mul_(list(steps), rho / size)
 
-    def sample(self, params: Sequence[Tensor], generator: torch.Generator, norm: str = "l2") -> list[Tensor]:
+    def sample(self, params: Sequence[Tensor], generator: torch.Generator, norm: Norm = "l2") -> list[Tensor]:
         """A random perturbation: ``T * N(0, 1)`` (l2) or ``T * U(-1, 1)`` (l-inf) element-wise."""
         out = []
         for p in params:
@@ -199,7 +205,7 @@ class AdaptiveGeometry(Geometry):
 _NAMES = ("standard", "adaptive", "geodesic")
 
 
-def resolve_geometry(geometry: str | Geometry, argument: str = "geometry") -> Geometry:
+def resolve_geometry(geometry: GeometryName | Geometry, argument: str = "geometry") -> Geometry:
     """Turn a geometry name or object into a :class:`Geometry`, with a clear error for anything else.
 
     Raises:

@@ -8,7 +8,7 @@ also written as TensorBoard histograms (:func:`log_density`). matplotlib is need
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import torch
@@ -109,7 +109,9 @@ def density_histogram(nodes: np.ndarray, weights: np.ndarray, bins: int = 60, co
     }
 
 
-def log_density(writer: Any, tag: str, result: Any, step: int, mode: str = "histogram") -> None:
+def log_density(
+    writer: Any, tag: str, result: Any, step: int, mode: Literal["histogram", "image", "both", "none"] = "histogram"
+) -> None:
     """Draw a ``spectral_density`` result in TensorBoard as the monitor does: ``<tag>/histogram`` (the
     Histograms and Distributions tabs) and/or ``<tag>/image`` (the smoothed log-density plot).
 

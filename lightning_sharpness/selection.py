@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Union
+from typing import Literal, Union
 
 import torch
 from torch import nn
 
 __all__ = ["NORM_LAYERS", "ParameterFilter", "select_parameters"]
 
-ParameterFilter = Union[None, str, Sequence[str], Callable[[str, torch.Tensor], bool]]
+#: ``None`` or ``"all"`` (every parameter), ``"norm"`` (normalization layers), names, or a predicate.
+ParameterFilter = Union[None, Literal["all", "norm"], Sequence[str], Callable[[str, torch.Tensor], bool]]
 
 # RMSNorm exists from torch 2.4 on.
 NORM_LAYERS = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm) + (

@@ -25,7 +25,7 @@ from __future__ import annotations
 import weakref
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -201,7 +201,7 @@ class HessianOperator:
         loss_fn: Callable[[nn.Module, Any], Tensor],
         batches: Any,
         params: ParamSelection = None,
-        backend: str = "auto",
+        backend: Literal["auto", "vmap", "jvp", "autograd"] = "auto",
         chunk_size: int = 16,
         graph_memory: float = 2**30,
         batched: bool | None = None,

@@ -126,7 +126,7 @@ def finite_loss(value: float, where: str) -> float:
 
 
 def hessian_operator(
-    model: nn.Module, loss_fn: LossFn, batches: Any, params: ParamSelection = None, backend: str = "auto"
+    model: nn.Module, loss_fn: LossFn, batches: Any, params: ParamSelection = None, backend: Backend = "auto"
 ) -> HessianOperator:
     """The Hessian operator of the mean loss (for custom algorithms). Call ``model.eval()`` first.
 

@@ -27,14 +27,12 @@ from torch import Tensor, nn
 from lightning_sharpness.batching import split_batch
 from lightning_sharpness.curvature.operator import HessianOperator, ParamSelection, select_named_parameters
 from lightning_sharpness.curvature.probes import make_generator
-from lightning_sharpness.geometry import Geometry, resolve_geometry
+from lightning_sharpness.geometry import Geometry, GeometryName, Norm, resolve_geometry
 from lightning_sharpness.measures.base import LossFn, PerturbationResult, finite_loss, measuring
 from lightning_sharpness.measures.registry import register
 from lightning_sharpness.validation import check_choice, check_int, check_rho
 
 __all__ = ["average_case_sharpness", "worst_case_sharpness"]
-
-GeometryName = Literal["standard", "adaptive", "geodesic"]
 
 
 def _perturbed_setup(
@@ -197,7 +195,7 @@ def worst_case_sharpness(
     batches: Any,
     rho: float,
     geometry: GeometryName | Geometry = "standard",
-    norm: Literal["l2", "linf"] = "l2",
+    norm: Norm = "l2",
     m: int | None = None,
     steps: int = 20,
     step_size: float | None = None,
@@ -292,7 +290,7 @@ def average_case_sharpness(
     batches: Any,
     rho: float,
     geometry: GeometryName | Geometry = "adaptive",
-    norm: Literal["l2", "linf"] = "l2",
+    norm: Norm = "l2",
     samples: int = 100,
     params: ParamSelection = None,
     seed: int = 0,
