@@ -8,6 +8,7 @@ import warnings
 
 import lightning.pytorch as pl
 import pytest
+from lightning.pytorch.plugins import MixedPrecision
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -343,3 +344,74 @@ def test_callback_with_vectorized_passes_equals_the_reference(callback, referenc
         reference.sam_step(reference_net, optimizer, x[batch], y[batch], **reference_kwargs)
     assert sam.vectorized_steps == 4
     assert_same_weights(net, reference_net)
+
+
+def test_callback_with_vectorized_passes_under_accumulation_equals_the_reference():
+    """Two micro-batches of 32 per step: each one's chunks are added onto the stash of the earlier one, each
+    backward divided by the accumulation count (``grad_divisor = 1/2``)."""
+    x, y = classification_data()
+    net = mlp()
+    reference_net = clone(net)
+    sam = VectorizedSAM(rho=0.05, m=4)
+    trainer(max_steps=2, accumulate_grad_batches=2, callbacks=[sam]).fit(LoggingClassifier(net), loader(x, y))
+    optimizer = torch.optim.SGD(reference_net.parameters(), lr=0.1, momentum=0.9)
+    for i in range(2):
+        batch = slice(i * 32, (i + 1) * 32)
+        reference.sam_step(reference_net, optimizer, x[batch], y[batch], rho=0.05, m=4)
+    assert sam.vectorized_steps == 4
+    assert_same_weights(net, reference_net)
+
+
+@pytest.mark.parametrize("normalize", [True, False], ids=["sam", "usam"])
+def test_callback_with_vectorized_passes_under_fp16_grad_scaler_equals_the_loop(normalize):
+    """autocast(fp16) and a GradScaler: the pass at w is scaled like the loop's backward, so the scaler's scale,
+    its decisions and the weights follow the loop's. Unnormalized SAM (``e = rho g``) is the sharp check: a scale
+    not divided out would move the weights 2^16 times too far.
+
+    The tolerance is fp16's, not fp32's: the vmapped passes multiply in fp16 through batched kernels (bmm) where
+    the loop uses mm, which round differently (one fp16 ulp is 2^-11 of the value); four steps of lr 0.1 leave
+    differences of about 1e-5 in weights of size 0.3."""
+    x, y = classification_data()
+    runs = []
+    for make in (SAM, VectorizedSAM):
+        net = mlp()
+        callback = make(rho=0.05 if normalize else 0.3, m=4, normalize=normalize)
+        plugin = MixedPrecision("16-mixed", "cpu", torch.amp.GradScaler("cpu", init_scale=2.0**16))
+        trainer(max_steps=4, plugins=[plugin], callbacks=[callback]).fit(LoggingClassifier(net), loader(x, y))
+        runs.append((net, plugin.scaler.get_scale()))
+    (loop_net, loop_scale), (net, scale) = runs
+    assert scale == loop_scale
+    assert callback.vectorized_steps == 4
+    assert_same_weights(net, loop_net, atol=1e-4)
+
+
+def test_fp16_pass_at_w_is_scaled_like_the_loop_so_it_does_not_underflow():
+    """A loss so small that its fp16 gradients underflow unless scaled: with the GradScaler's scale as
+    ``grad_divisor`` the per-chunk norms are the loop's; without it much of the gradient flushes to zero."""
+    x, y = classification_data(n=16)
+    model = mlp()
+    scale = 2.0**16
+
+    def tiny_loss(module, chunk):
+        with torch.autocast("cpu", dtype=torch.float16):
+            return 1e-7 * F.cross_entropy(module(chunk[0]).float(), chunk[1])
+
+    engine = SAMEngine(rho=0.05, m=8)
+    engine.follow(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    norms = []
+    for start in (0, 8):  # the loop's norm of each chunk (it keeps the last one): one chunk per call
+        engine.take_grads()
+        chunk = (x[start : start + 8], y[start : start + 8])
+        stats = accumulate_sam_gradient(
+            engine, chunk, lambda c: tiny_loss(model, c), lambda v: (v * scale).backward(), 0.05, scale, [], False
+        )
+        norms.append(stats.grad_norm)
+    model.zero_grad(set_to_none=True)
+    params = list(model.parameters())
+    stats = vectorized_msam_gradient(
+        model, tiny_loss, (x, y), 8, 0.05, Geometry(), params, lambda v: (v * scale).backward(), grad_divisor=scale
+    )
+    torch.testing.assert_close(stats.grad_norms, torch.stack(norms), rtol=1e-3, atol=0)
+    model.zero_grad(set_to_none=True)
+    unscaled = vectorized_msam_gradient(model, tiny_loss, (x, y), 8, 0.05, Geometry(), params, lambda v: v.backward())
+    assert (unscaled.grad_norms < 0.9 * stats.grad_norms).all()  # the underflow the scale prevents
