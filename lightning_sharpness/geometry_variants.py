@@ -74,7 +74,8 @@ class LinfAdaptiveGeometry(AdaptiveGeometry):
     the step reports (``sam/grad_norm``) is the dual norm ``||T g||_1``. As a measure it defines l-inf balls only:
     call ``worst_case_sharpness(..., geometry=LinfAdaptiveGeometry(), norm="linf")``.
 
-    A sign step has no unnormalized form: ``SAM(normalize=False)`` with this geometry raises at its first step.
+    A sign step has no unnormalized form: ``SAM(normalize=False)`` (or ``SAMEngine``) with this geometry raises at
+    construction (:attr:`supports_unnormalized` is ``False``).
 
     Raises:
         ValueError: for a negative or non-finite ``eta``.
@@ -86,6 +87,8 @@ class LinfAdaptiveGeometry(AdaptiveGeometry):
 
     name = "linf-adaptive"
     norms = ("linf",)
+    #: read by ``SAMEngine``, which refuses ``normalize=False`` with this geometry before any step
+    supports_unnormalized = False
 
     def __init__(self, eta: float = 0.01) -> None:
         super().__init__(_check_eta(eta))

@@ -231,3 +231,52 @@ def test_variants_under_ddp(tmp_path):
     assert "DistributedDataParallel" in r0["rsam"]["error"]
     first = next(iter(r0["ssamf"]["weights"]))
     assert not torch.equal(r0["ssamf"]["weights"][first], r0["layerwise"]["weights"][first])
+
+
+# SSAM-D under global accumulation drops on |g| of the FIRST micro-batch (its update runs in on_after_backward of the
+# step's first micro-batch), not on the whole step's gradient: reported; the fix (in sam/ssam.py, which this file's
+# author does not own) is to run the drop/grow, in global mode, on the step's last micro-batch, where .grad holds the
+# accumulated gradient of the union. strict: this case fails loudly once that is fixed, so the mark gets removed.
+_SSAMD_GLOBAL_ACCUMULATION = pytest.mark.xfail(
+    strict=True, reason="SSAM-D's drop/grow reads the first micro-batch's gradient under global accumulation"
+)
+
+
+@pytest.mark.parametrize("accumulate", [1, 2], ids=["one-batch", "accumulated"])
+@pytest.mark.parametrize("variant", ["F", "D"])
+def test_global_mode_is_the_step_on_the_union(variant, accumulate, request):
+    if variant == "D" and accumulate == 2:
+        request.applymarker(_SSAMD_GLOBAL_ACCUMULATION)
+    """``mode="global"``: one perturbation from the gradient of the whole effective batch. With 2 accumulated
+    micro-batches of 8 it equals the reference on their union (16 examples), masks included."""
+    x, y = classification_data(n=STEPS * 16)
+    net = mlp()
+    ref_net = clone(net)
+    if variant == "F":
+        callback = SSAMF(rho=RHO, sparsity=SPARSITY, num_samples=6, update_freq=FREQ, mode="global")
+        _, ref_masks = reference_ssamf(ref_net, x, y, num_samples=6)
+        ref_flat = torch.cat([m.reshape(-1) for m in ref_masks]).bool()
+    else:
+        callback = SSAMD(rho=RHO, sparsity=SPARSITY, drop_rate=0.3, update_freq=FREQ, seed=7, mode="global")
+        _, ref_flat = reference_ssamd(ref_net, x, y, drop_rate=0.3, seed=7)
+    trainer(max_steps=STEPS, callbacks=[callback], accumulate_grad_batches=accumulate).fit(
+        Classifier(net), loader(x, y, batch_size=16 // accumulate)
+    )
+    got = torch.cat([callback.masked.masks[f"net.{n}"].reshape(-1) for n, _ in net.named_parameters()])
+    assert torch.equal(got, ref_flat)
+    assert_same_weights(net, ref_net, atol=1e-5)
+
+
+def test_linf_geometry_refuses_unnormalized_steps_at_construction():
+    """A sign step has no unnormalized form: SAM, USAM and the engine refuse it before any Trainer exists."""
+    from lightning_sharpness import SAM, USAM
+    from lightning_sharpness.geometry_variants import LinfAdaptiveGeometry
+
+    for make in (
+        lambda: SAM(rho=0.1, normalize=False, geometry=LinfAdaptiveGeometry()),
+        lambda: USAM(rho=0.1, geometry=LinfAdaptiveGeometry()),
+        lambda: SAMEngine(rho=0.1, normalize=False, geometry=LinfAdaptiveGeometry()),
+    ):
+        with pytest.raises(ValueError, match=r"`normalize=False` cannot be used .*LinfAdaptiveGeometry.*no unnormalized"):
+            make()
+    assert SAMEngine(rho=0.1, geometry=LinfAdaptiveGeometry()).normalize  # the normalized form is accepted

@@ -69,6 +69,10 @@ class SAMEngine:
             family departs from SAM (its ascent direction, how the two gradients combine, whether a step runs
             the second pass, a correction after the optimizer's step); ``None`` is SAM.
 
+    Raises:
+        ValueError: an argument out of its range, naming it; ``normalize=False`` with a geometry that has no
+            unnormalized step (``supports_unnormalized = False``, e.g. ``LinfAdaptiveGeometry``).
+
     Which parameters move: those the optimizer steps (its param groups, as they are at each step) that
     require a gradient and that ``perturb`` selects. The set is re-read at every step and re-bound only
     when it changed, so parameters unfrozen during fit (``BackboneFinetuning``) are perturbed from the step
@@ -106,6 +110,12 @@ class SAMEngine:
         check_number(eps, "eps", minimum=0)
         self.rho = rho
         self.geometry = resolve_geometry(geometry)
+        # A geometry whose step is its own normalization (l-inf's sign step) says so; refuse before any step.
+        if not normalize and not getattr(self.geometry, "supports_unnormalized", True):
+            raise ValueError(
+                f"`normalize=False` cannot be used with the geometry {self.geometry!r}: its steps have no "
+                "unnormalized form. Use `normalize=True` (the default) or another geometry."
+            )
         self._bound_geometry = self.geometry
         self.normalize = normalize
         self.m = m
