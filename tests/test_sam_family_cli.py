@@ -1,4 +1,5 @@
-"""The SAM family configured through LightningCLI (examples/cli.py) from command-line flags."""
+"""The SAM family configured through LightningCLI (examples/cli.py): from examples/sam_family.yaml and from
+command-line flags."""
 
 from __future__ import annotations
 
@@ -9,17 +10,33 @@ import pytest
 
 from lightning_sharpness.sam.family import GSAM, WSAM, FriendlySAM, LookSAM
 from lightning_sharpness.sam.schedules import ProportionalRho
+from lightning_sharpness.sam.variants import SurrogateGap
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 from cli import main  # noqa: E402
 
+# No validation (and so no sanity check): what these tests check is the SAM family's configuration and training.
 SHORT_RUN = [
     "--trainer.max_epochs=1",
     "--trainer.limit_train_batches=3",
-    "--trainer.limit_val_batches=1",
+    "--trainer.limit_val_batches=0",
     "--trainer.enable_progress_bar=false",
     "--trainer.enable_model_summary=false",
 ]
+
+
+def test_fit_from_the_family_yaml(tmp_path):
+    config = Path(__file__).resolve().parents[1] / "examples" / "sam_family.yaml"
+    cli = main(["fit", f"--config={config}", f"--trainer.default_root_dir={tmp_path}", *SHORT_RUN])
+    (gsam,) = [c for c in cli.trainer.callbacks if isinstance(c, GSAM)]
+    rho, variant = gsam.engine.rho, gsam.engine.variant
+    assert isinstance(rho, ProportionalRho) and (rho.rho_max, rho.rho_min, rho.lr_min) == (0.05, 0.01, 0.0)
+    assert isinstance(variant, SurrogateGap) and variant.alpha == 0.4 and gsam.engine.mode == "local"
+    assert cli.trainer.global_step == 3
+    # the radius followed the model's cosine LR: lr_max is its peak, and after the 3 steps of T_max=3 the LR is 0
+    assert rho.lr_max == cli.model.hparams.lr == 0.05
+    assert cli.trainer.optimizers[0].param_groups[0]["lr"] == pytest.approx(0.0, abs=1e-12)
+    assert rho(0) == pytest.approx(0.01)
 
 
 @pytest.mark.parametrize(
