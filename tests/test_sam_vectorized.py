@@ -12,6 +12,7 @@ from lightning.pytorch.plugins import MixedPrecision
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torchmetrics.classification import MulticlassAccuracy
 
 from lightning_sharpness import SAM
 from lightning_sharpness.batching import count_examples
@@ -19,7 +20,7 @@ from lightning_sharpness.geometry import AdaptiveGeometry, Geometry, StandardGeo
 from lightning_sharpness.sam.engine import SAMEngine, accumulate_sam_gradient, loss_scale
 from lightning_sharpness.sam.vectorized import vectorizable_geometry, vectorized_msam_gradient
 from tests import reference
-from tests.helpers import assert_same_weights, classification_data, clone, cnn_bn, loader, mlp, trainer
+from tests.helpers import Classifier, assert_same_weights, classification_data, clone, cnn_bn, loader, mlp, trainer
 from tests.reference import norm_buffers
 
 
@@ -415,3 +416,63 @@ def test_fp16_pass_at_w_is_scaled_like_the_loop_so_it_does_not_underflow():
     model.zero_grad(set_to_none=True)
     unscaled = vectorized_msam_gradient(model, tiny_loss, (x, y), 8, 0.05, Geometry(), params, lambda v: v.backward())
     assert (unscaled.grad_norms < 0.9 * stats.grad_norms).all()  # the underflow the scale prevents
+
+
+class MetricClassifier(LoggingClassifier):
+    """Updates a torchmetrics metric in training_step. Under ``quiet`` (the callback's loss) it runs inside vmap:
+    torchmetrics assigns its states rather than updating them in place, and ``quiet`` puts them back."""
+
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__(net)
+        self.train_acc = MulticlassAccuracy(num_classes=3, average="micro")
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        logits = self.net(x)
+        self.train_acc.update(logits, y)
+        return F.cross_entropy(logits, y)
+
+
+def test_callback_with_a_metric_in_training_step_vectorizes_and_counts_the_ordinary_passes_only():
+    x, y = classification_data()
+    runs = []
+    for make in (SAM, VectorizedSAM):
+        module = MetricClassifier(mlp())
+        callback = make(rho=0.05, m=4)
+        trainer(max_steps=2, callbacks=[callback]).fit(module, loader(x, y))
+        runs.append(module)
+    loop, vectorized = runs
+    assert callback.vectorized_steps == 2
+    assert_same_weights(vectorized.net, loop.net)
+    states = {name: getattr(vectorized.train_acc, name) for name in ("tp", "fp", "tn", "fn")}
+    assert all(torch.equal(value, getattr(loop.train_acc, name)) for name, value in states.items())
+    assert int(states["tp"] + states["fn"]) == 32  # two batches of 16, each counted once
+
+
+def test_callback_falls_back_for_item_in_training_step_and_equals_the_reference():
+    """tests.helpers.Classifier records ``loss.item()`` in training_step: the loop runs, said once."""
+    x, y = classification_data()
+    net = mlp()
+    reference_net = clone(net)
+    sam = VectorizedSAM(rho=0.05, m=4)
+    with pytest.warns(UserWarning, match=r"Classifier one chunk at a time.*item"):
+        trainer(max_steps=2, callbacks=[sam]).fit(Classifier(net), loader(x, y))
+    optimizer = torch.optim.SGD(reference_net.parameters(), lr=0.1, momentum=0.9)
+    for i in range(2):
+        batch = slice(i * 16, (i + 1) * 16)
+        reference.sam_step(reference_net, optimizer, x[batch], y[batch], rho=0.05, m=4)
+    assert sam.vectorized_steps == 0
+    assert_same_weights(net, reference_net)
+
+
+def test_several_processes_keep_the_loop(monkeypatch):
+    """Under DDP the passes would bypass the wrapper's forward and its reducer: never vectorized there."""
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.distributed, "get_world_size", lambda group=None: 2)
+    x, y = classification_data(n=8)
+    model = mlp()
+    with pytest.warns(UserWarning, match="several processes"):
+        assert vectorized_msam_gradient(
+            model, cross_entropy, (x, y), 4, 0.05, Geometry(), list(model.parameters()), lambda v: v.backward()
+        ) is None
+    assert all(p.grad is None for p in model.parameters())

@@ -22,8 +22,13 @@ running statistics stay bitwise unchanged).
 
 What cannot be vmapped runs the loop instead: :func:`vectorized_msam_gradient` returns ``None`` and warns once
 per module, naming it and the reason. That covers data-dependent control flow, ``.item()``, in-place updates of
-buffers or metrics, random ops (dropout: the loop's random stream cannot be reproduced inside ``vmap``),
-batches with fields that are not tensors, losses that are not one number, and a non-element-wise geometry.
+buffers, random ops (dropout: the loop's random stream cannot be reproduced inside ``vmap``), batches with
+fields that are not tensors, losses that are not one number, and a non-element-wise geometry. A
+``training_step`` that logs or updates torchmetrics metrics does vectorize when the loss runs under
+:func:`lightning_sharpness._lightning.quiet` (the callback's loss does): logging is a no-op there, torchmetrics
+assigns its states (no in-place update) and ``quiet`` puts them back. Anything else the loss stores on the module
+(``self.last_logits = ...``) would be a tensor of ``vmap``'s, meaningless outside it: ``pass_context`` must undo
+such side effects, as ``quiet`` does for logging and metrics.
 
 Under a process group of more than one process (DDP, FSDP) it always returns ``None``: its passes call the
 module functionally, never through the DDP wrapper's ``forward``, so DDP's reducer would not expect the
@@ -138,7 +143,9 @@ def vectorized_msam_gradient(
         max_memory: bytes of per-chunk parameter-sized tensors (gradient, step, perturbed weights and their
             gradient: four copies of ``params`` per chunk) held at once; chunks are processed in slices that
             fit. Activations of a slice are those of at most one batch, as in a plain step.
-        pass_context: entered around every vectorized pass (the caller's logging mute).
+        pass_context: entered around every vectorized pass, and must undo what the loss does to the module
+            (:func:`~lightning_sharpness._lightning.quiet`: logging muted, metrics put back). Unlike the loop,
+            which mutes the passes at ``w + e`` only, the passes at ``w`` are inside ``vmap`` too.
 
     Returns:
         The per-chunk statistics, or ``None`` when the step must run the loop (warned once per module
