@@ -13,8 +13,11 @@ import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.loggers import Logger
+from lightning.pytorch.plugins import MixedPrecision
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_sharpness import SAMMixin, WithIndex
 
 
 def mlp(seed: int = 0, d_in: int = 8, hidden: int = 16, classes: int = 3) -> nn.Module:
@@ -260,3 +263,52 @@ def rotated(eigs: torch.Tensor, seed: int = 0) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     Q, _ = torch.linalg.qr(torch.randn(len(eigs), len(eigs), generator=g, dtype=torch.float64))
     return Q @ torch.diag(eigs.double()) @ Q.T
+
+
+def fp16_plugin(init_scale: float = 2.0**16) -> MixedPrecision:
+    """fp16 autocast with a GradScaler on CPU, as `precision="16-mixed"` builds it on GPU."""
+    return MixedPrecision("16-mixed", "cpu", torch.amp.GradScaler("cpu", init_scale=init_scale))
+
+
+class ManualClassifier(SAMMixin, Classifier):
+    """Manual optimization through `SAMMixin.sam_step`, with the engine it is given."""
+
+    def __init__(self, net, sam=None, optimizer=None):
+        super().__init__(net, optimizer=optimizer)
+        self.automatic_optimization = False
+        self.sam = sam
+
+    def training_step(self, batch, batch_idx):
+        def loss_fn(b):
+            x, y = b
+            out = self(x)
+            self.calls.append({"dtype": out.dtype})
+            return F.cross_entropy(out.float(), y)
+
+        loss = self.sam_step(self.optimizers(), loss_fn, batch)
+        self.log("train_loss", loss)
+
+
+class IndexedClassifier(pl.LightningModule):
+    """Returns the SAF contract: loss, logits and the examples' dataset indices."""
+
+    def __init__(self, net, lr=0.1):
+        super().__init__()
+        self.net, self.lr = net, lr
+        self.dtypes: list[torch.dtype] = []
+
+    def forward(self, x):
+        return self.net(x)
+
+    def training_step(self, batch, batch_idx):
+        x, y, index = batch
+        logits = self(x)
+        self.dtypes.append(logits.dtype)
+        return {"loss": F.cross_entropy(logits.float(), y), "logits": logits, "index": index}
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=self.lr, momentum=0.9)
+
+
+def indexed_loader(x, y, batch_size: int = 8):
+    return DataLoader(WithIndex(TensorDataset(x, y)), batch_size=batch_size, shuffle=False)

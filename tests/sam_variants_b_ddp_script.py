@@ -22,8 +22,15 @@ def _main(out: Path) -> None:
     from lightning_sharpness.sam.rsam import RSAM
     from lightning_sharpness.sam.saf import MESA, SAF
     from lightning_sharpness.sam.ssam import SSAMD, SSAMF
-    from tests.helpers import Classifier, RecordingLogger, classification_data, loader, mlp
-    from tests.test_sam_saf import IndexedClassifier, indexed_loader
+    from tests.helpers import (
+        Classifier,
+        IndexedClassifier,
+        RecordingLogger,
+        classification_data,
+        indexed_loader,
+        loader,
+        mlp,
+    )
 
     variants = {
         "ssamf": (lambda: SSAMF(rho=0.05, sparsity=0.5, num_samples=4, update_freq=2), False),

@@ -11,34 +11,19 @@ from lightning_sharpness import SAMEngine, SAMMixin
 from tests import reference
 from tests.helpers import (
     Classifier,
+    ManualClassifier,
     RecordingLogger,
     assert_same_weights,
     classification_data,
     clone,
+    fp16_plugin,
     loader,
     mlp,
     trainer,
 )
-from tests.test_sam_precision_accumulation import fp16_plugin, reference_fp16_sam
+from tests.reference import reference_fp16_sam
 
 STEPS = 4
-
-
-class ManualClassifier(SAMMixin, Classifier):
-    def __init__(self, net, sam=None, optimizer=None):
-        super().__init__(net, optimizer=optimizer)
-        self.automatic_optimization = False
-        self.sam = sam
-
-    def training_step(self, batch, batch_idx):
-        def loss_fn(b):
-            x, y = b
-            out = self(x)
-            self.calls.append({"dtype": out.dtype})
-            return F.cross_entropy(out.float(), y)
-
-        loss = self.sam_step(self.optimizers(), loss_fn, batch)
-        self.log("train_loss", loss)
 
 
 @pytest.mark.parametrize(

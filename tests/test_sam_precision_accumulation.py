@@ -6,8 +6,6 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
-from lightning.pytorch.plugins import MixedPrecision
 
 from lightning_sharpness import SAM
 from tests import reference
@@ -17,45 +15,14 @@ from tests.helpers import (
     assert_same_weights,
     classification_data,
     clone,
+    fp16_plugin,
     loader,
     mlp,
     trainer,
 )
+from tests.reference import reference_fp16_sam
 
 STEPS = 4
-
-
-def fp16_plugin(init_scale: float = 2.0**16) -> MixedPrecision:
-    return MixedPrecision("16-mixed", "cpu", torch.amp.GradScaler("cpu", init_scale=init_scale))
-
-
-def reference_fp16_sam(net, x, y, rho, steps=STEPS, batch_size=16, init_scale=2.0**16):
-    """SAM with autocast(fp16) and a GradScaler in plain PyTorch: scale, unscale, step, update."""
-    opt = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
-    scaler = torch.amp.GradScaler("cpu", init_scale=init_scale)
-    params = list(net.parameters())
-    for i in range(steps):
-        xb, yb = x[i * batch_size : (i + 1) * batch_size], y[i * batch_size : (i + 1) * batch_size]
-        with torch.autocast("cpu", dtype=torch.float16):
-            loss = F.cross_entropy(net(xb).float(), yb)
-        scaler.scale(loss).backward()
-        grads = [p.grad / scaler.get_scale() for p in params]
-        e = reference.ascent(params, grads, rho)
-        saved = [p.detach().clone() for p in params]
-        with torch.no_grad():
-            for p, d in zip(params, e):
-                p.add_(d)
-        opt.zero_grad(set_to_none=True)
-        with torch.autocast("cpu", dtype=torch.float16):
-            perturbed = F.cross_entropy(net(xb).float(), yb)
-        scaler.scale(perturbed).backward()
-        with torch.no_grad():
-            for p, w in zip(params, saved):
-                p.copy_(w)
-        scaler.step(opt)
-        scaler.update()
-        opt.zero_grad(set_to_none=True)
-    return scaler
 
 
 def test_fp16_with_grad_scaler_matches_reference():

@@ -5,42 +5,24 @@ from __future__ import annotations
 
 import copy
 
-import lightning.pytorch as pl
 import pytest
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.plugins import MixedPrecision
-from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_sharpness.sam.saf import MESA, SAF, WithIndex
-from tests.helpers import RecordingLogger, assert_same_weights, classification_data, clone, mlp, trainer
+from tests.helpers import (
+    IndexedClassifier,
+    RecordingLogger,
+    assert_same_weights,
+    classification_data,
+    clone,
+    indexed_loader,
+    mlp,
+    trainer,
+)
 
 N, BATCH, EPOCHS, TAU, LMBDA = 32, 8, 4, 2.0, 0.5
-
-
-class IndexedClassifier(pl.LightningModule):
-    """Returns the SAF contract: loss, logits and the examples' dataset indices."""
-
-    def __init__(self, net, lr=0.1):
-        super().__init__()
-        self.net, self.lr = net, lr
-        self.dtypes: list[torch.dtype] = []
-
-    def forward(self, x):
-        return self.net(x)
-
-    def training_step(self, batch, batch_idx):
-        x, y, index = batch
-        logits = self(x)
-        self.dtypes.append(logits.dtype)
-        return {"loss": F.cross_entropy(logits.float(), y), "logits": logits, "index": index}
-
-    def configure_optimizers(self):
-        return torch.optim.SGD(self.parameters(), lr=self.lr, momentum=0.9)
-
-
-def indexed_loader(x, y, batch_size=BATCH):
-    return DataLoader(WithIndex(TensorDataset(x, y)), batch_size=batch_size, shuffle=False)
 
 
 def kl(logits, target):
