@@ -31,8 +31,11 @@ FRIENDLY_HP = dict(rho=0.1, sigma=1.0, lmbda=0.8)
 LOOK_HP = dict(rho=0.1, k=2, alpha=0.5)
 BSAM_HP = dict(num_data=STEPS * BATCH * WORLD, lr=0.05, weight_decay=1e-3, rho=0.05, damping=0.1, seed=3)
 RUNS = [
-    *[(name, mode) for name in ("gsam", "wsam-decoupled", "wsam-coupled", "friendlysam", "looksam")
-      for mode in ("local", "global")],
+    *[
+        (name, mode)
+        for name in ("gsam", "wsam-decoupled", "wsam-coupled", "friendlysam", "looksam")
+        for mode in ("local", "global")
+    ],
     ("bsam", "global"),
 ]
 
@@ -108,7 +111,10 @@ def reference_family(name: str, mode: str, net, x, y, shards) -> None:
                 elif name == "looksam":  # per tensor: the part of g_p orthogonal to g_w
                     descents.append(g_p)
                     terms.append(
-                        [b - b.norm() * ((a / a.norm()) * (b / b.norm())).sum() * a / a.norm() for a, b in zip(g_w, g_p)]
+                        [
+                            b - b.norm() * ((a / a.norm()) * (b / b.norm())).sum() * a / a.norm()
+                            for a, b in zip(g_w, g_p)
+                        ]
                     )
                 else:
                     descents.append(g_p)
@@ -119,7 +125,11 @@ def reference_family(name: str, mode: str, net, x, y, shards) -> None:
             if name == "friendlysam":
                 mean_first = _mean(firsts)
                 lmbda = FRIENDLY_HP["lmbda"]
-                momentum = mean_first if momentum is None else [lmbda * m + (1 - lmbda) * g for m, g in zip(momentum, mean_first)]
+                momentum = (
+                    mean_first
+                    if momentum is None
+                    else [lmbda * m + (1 - lmbda) * g for m, g in zip(momentum, mean_first)]
+                )
         for p, d in zip(net.parameters(), descent):
             p.grad = d
         opt.step()
@@ -250,7 +260,9 @@ def _main(out: Path) -> None:
             else:
                 reference_family(name, mode, net, x, y, shards)
             results[(name, mode)]["reference"] = {k: v.detach().clone() for k, v in net.state_dict().items()}
-            print(f"all-reduces per step (DDP's, explicit) {name:15s} {mode:6s}: {results[(name, mode)]['all_reduces']}")
+            print(
+                f"all-reduces per step (DDP's, explicit) {name:15s} {mode:6s}: {results[(name, mode)]['all_reduces']}"
+            )
     torch.save(results, out / f"rank{rank}.pt")
     if torch.distributed.is_initialized():
         torch.distributed.barrier()
