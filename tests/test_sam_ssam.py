@@ -13,6 +13,7 @@ from lightning_sharpness.geometry_variants import MaskedGeometry
 from lightning_sharpness.sam.ssam import SSAMD, SSAMF, fisher_mask
 from tests.helpers import (
     Classifier,
+    ManualClassifier,
     RecordingLogger,
     assert_same_weights,
     classification_data,
@@ -179,8 +180,6 @@ def test_checkpoint_resume_is_bitwise(make, tmp_path):
 
 
 def test_mixin_with_a_fisher_mask_matches_reference():
-    from tests.test_sam_mixin import ManualClassifier
-
     x, y = classification_data()
     net = mlp()
     ref_net = clone(net)
