@@ -125,7 +125,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--label-noise", type=float, default=0.2)
     parser.add_argument("--probe-examples", type=int, default=512, help="training examples for the eigenvalue")
-    parser.add_argument("--seeds", type=int, nargs="+", default=list(range(8)))
+    parser.add_argument("--seeds", type=int, nargs="+", default=list(range(6)))
     parser.add_argument("--log-dir", default="lightning_logs/erm_then_sam")
     parser.add_argument("--quick", action="store_true", help="tiny sizes, seconds (for the tests)")
     args = parser.parse_args(argv)
