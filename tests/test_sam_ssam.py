@@ -244,22 +244,12 @@ def test_variants_under_ddp(tmp_path):
     assert not torch.equal(r0["ssamf"]["weights"][first], r0["layerwise"]["weights"][first])
 
 
-# SSAM-D under global accumulation drops on |g| of the FIRST micro-batch (its update runs in on_after_backward of the
-# step's first micro-batch), not on the whole step's gradient: reported; the fix (in sam/ssam.py, which this file's
-# author does not own) is to run the drop/grow, in global mode, on the step's last micro-batch, where .grad holds the
-# accumulated gradient of the union. strict: this case fails loudly once that is fixed, so the mark gets removed.
-_SSAMD_GLOBAL_ACCUMULATION = pytest.mark.xfail(
-    strict=True, reason="SSAM-D's drop/grow reads the first micro-batch's gradient under global accumulation"
-)
-
-
 @pytest.mark.parametrize("accumulate", [1, 2], ids=["one-batch", "accumulated"])
 @pytest.mark.parametrize("variant", ["F", "D"])
-def test_global_mode_is_the_step_on_the_union(variant, accumulate, request):
-    if variant == "D" and accumulate == 2:
-        request.applymarker(_SSAMD_GLOBAL_ACCUMULATION)
+def test_global_mode_is_the_step_on_the_union(variant, accumulate):
     """``mode="global"``: one perturbation from the gradient of the whole effective batch. With 2 accumulated
-    micro-batches of 8 it equals the reference on their union (16 examples), masks included."""
+    micro-batches of 8 it equals the reference on their union (16 examples), masks included (SSAM-D's drop/grow
+    reads the whole step's gradient, on its last micro-batch)."""
     x, y = classification_data(n=STEPS * 16)
     net = mlp()
     ref_net = clone(net)

@@ -287,7 +287,10 @@ class SSAMD(_SparseSAM):
     ) -> None:
         first_micro_batch = self._micro_count == 0
         super().on_train_batch_start(trainer, pl_module, batch, batch_idx)
-        self._update_now = first_micro_batch and self._refresh_due(trainer)
+        # The drop/grow reads the gradient the ascent uses: in global mode that is the whole step's, complete only
+        # after the step's last micro-batch, so later updates wait for it; the first mask needs no gradient.
+        update_at = self._stepping if self.engine.mode == "global" and self._mask_step is not None else first_micro_batch
+        self._update_now = update_at and self._refresh_due(trainer)
         if self._update_now and self._mask_step is None:  # the first mask: random, no gradient needed
             names, params = self._named_params(pl_module)
             if params:
