@@ -1,6 +1,7 @@
 """m-SAM step time and peak memory: the engine's per-chunk loop against the vectorized passes, on CPU.
 
-The digits CNN (``examples/digits.py`` ``small_cnn``) on one batch of 64 real digits, SGD. For each m in
+The digits CNN (``examples/digits.py`` ``small_cnn``, width 32 as in ``DigitsClassifier``) on one batch of 64
+real digits, SGD. For each m in
 {1, 4, 16, 64}, against a plain step (forward, backward, optimizer step):
 
   * ``loop``: the callback's m-SAM step today: the ordinary pass (Lightning's), then ``accumulate_sam_gradient``;
@@ -13,7 +14,7 @@ Also printed: the largest difference between the loop's and the vectorized gradi
 1e-5), and the peak memory of one step above a plain step, in MiB (PyTorch's profiler records the
 allocations; the CPU allocator keeps no statistics).
 
-    OMP_NUM_THREADS=1 python benchmarks/msam_vectorized.py [--steps 20] [--repeats 3] [--width 16] [--threads 1]
+    OMP_NUM_THREADS=1 python benchmarks/msam_vectorized.py [--steps 20] [--repeats 3] [--width 32] [--threads 1]
         [--ms 1 4 16 64] [--skip-lightning]
 
 Then the same in Lightning: ``Trainer.fit`` of a LightningModule around the CNN, plain against the ``SAM(m=...)``
@@ -97,7 +98,7 @@ class Setup:
             engine.take_grads()  # not the chunks' gradient
             stats = vectorized_msam_gradient(
                 self.model, loss_of_chunk, self.batch, m, RHO, StandardGeometry(), engine._params,
-                lambda loss: loss.backward(),
+                lambda loss: loss.backward(), min_chunks=1,
             )  # fmt: skip
             assert stats is not None, "the benchmark must time the vectorized path, not the fallback"
         else:
@@ -121,7 +122,8 @@ class Setup:
         if vectorized:
             engine.take_grads()
             vectorized_msam_gradient(
-                model, loss_of_chunk, self.batch, m, RHO, StandardGeometry(), engine._params, lambda v: v.backward()
+                model, loss_of_chunk, self.batch, m, RHO, StandardGeometry(), engine._params, lambda v: v.backward(),
+                min_chunks=1,
             )
         else:
             accumulate_sam_gradient(
@@ -154,7 +156,8 @@ def peak_bytes(run: Callable[[], None]) -> int:
 # ---------------------------------------------------------------- in Lightning: the step the issue measures
 class VectorizedSAM(SAM):
     """The SAM callback with its m-SAM loop replaced by the vectorized passes (the integration, prototyped here:
-    the engine does not call the vectorized passes yet)."""
+    the engine does not call the vectorized passes yet). ``min_chunks=1``: timed for every m, although the
+    default (8) leaves fewer chunks to the loop."""
 
     def _local_sam_pass(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         engine = self.engine
@@ -167,7 +170,7 @@ class VectorizedSAM(SAM):
             pl_module, lambda module, chunk: self._loss(trainer, pl_module, chunk), self._batch, engine.m,
             self._stats.rho, engine._bound_geometry, engine._params,
             backward=lambda loss: self._backward(trainer, pl_module, loss, k / scale), normalize=engine.normalize,
-            eps=engine.eps, grad_divisor=scale / k, norm_stats_frozen=engine.bn_update == "first",
+            eps=engine.eps, grad_divisor=scale / k, norm_stats_frozen=engine.bn_update == "first", min_chunks=1,
         )  # fmt: skip
         if stats is None:
             self._stash = engine.take_grads()
@@ -253,7 +256,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--width", type=int, default=16, help="channels of small_cnn's first block (default 16)")
+    parser.add_argument(
+        "--width", type=int, default=32, help="channels of small_cnn's first block (32: DigitsClassifier's default)"
+    )
     parser.add_argument("--ms", type=int, nargs="+", default=[1, 4, 16, 64])
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--skip-lightning", action="store_true", help="only the plain-PyTorch table")

@@ -18,10 +18,17 @@ from lightning_sharpness import SAM
 from lightning_sharpness.batching import count_examples
 from lightning_sharpness.geometry import AdaptiveGeometry, Geometry, StandardGeometry
 from lightning_sharpness.sam.engine import SAMEngine, accumulate_sam_gradient, loss_scale
-from lightning_sharpness.sam.vectorized import vectorizable_geometry, vectorized_msam_gradient
+from lightning_sharpness.sam import vectorized
+from lightning_sharpness.sam.vectorized import vectorizable_geometry
 from tests import reference
 from tests.helpers import Classifier, assert_same_weights, classification_data, clone, cnn_bn, loader, mlp, trainer
 from tests.reference import norm_buffers
+
+
+def vectorized_msam_gradient(*args, **kwargs):
+    """The function under test, vectorizing from one chunk on: these tests' batches have few chunks."""
+    kwargs.setdefault("min_chunks", 1)
+    return vectorized.vectorized_msam_gradient(*args, **kwargs)
 
 
 def cross_entropy(module: nn.Module, chunk) -> torch.Tensor:
@@ -271,7 +278,7 @@ def test_non_finite_gradient_leaves_the_step_to_the_loop_without_a_warning():
 @pytest.mark.parametrize(
     ("argument", "value", "message"),
     [("m", 0, "`m` must be an int >= 1"), ("rho", -1.0, "`rho`"), ("grad_divisor", 0.0, "`grad_divisor`"),
-     ("max_memory", 0, "`max_memory`"), ("normalize", 1, "`normalize`")],
+     ("max_memory", 0, "`max_memory`"), ("normalize", 1, "`normalize`"), ("min_chunks", 0, "`min_chunks`")],
 )  # fmt: skip
 def test_bad_arguments_name_themselves(argument, value, message):
     x, y = classification_data(n=8)
@@ -476,3 +483,14 @@ def test_several_processes_keep_the_loop(monkeypatch):
             model, cross_entropy, (x, y), 4, 0.05, Geometry(), list(model.parameters()), lambda v: v.backward()
         ) is None
     assert all(p.grad is None for p in model.parameters())
+
+
+def test_fewer_chunks_than_min_chunks_leave_the_step_to_the_loop_silently():
+    x, y = classification_data(n=28)
+    model = mlp()
+    call = (model, cross_entropy, (x, y), 4, 0.05, Geometry(), list(model.parameters()), lambda v: v.backward())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert vectorized.vectorized_msam_gradient(*call) is None  # 7 chunks < 8, the default
+    assert all(p.grad is None for p in model.parameters())
+    assert vectorized.vectorized_msam_gradient(*call, min_chunks=7) is not None
