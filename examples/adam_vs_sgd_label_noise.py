@@ -9,8 +9,8 @@ same data from the same initialization, with fresh Gaussian noise on the labels 
 ``SharpnessMonitor`` measures both sharpness forms (exactly: every Hessian-vector product of a 2d-parameter
 model) on the clean training loss along the way.
 
-python examples/adam_vs_sgd_label_noise.py            # the full run (minutes), writes docs/results/adam_vs_sgd_label_noise.md
-python examples/adam_vs_sgd_label_noise.py --quick    # seconds, writes docs/results/adam_vs_sgd_label_noise.quick.md
+python examples/adam_vs_sgd_label_noise.py            # the full run (minutes): docs/results/adam_vs_sgd_label_noise.md
+python examples/adam_vs_sgd_label_noise.py --quick    # seconds: docs/results/adam_vs_sgd_label_noise.quick.md
 tensorboard --logdir lightning_logs/adam_vs_sgd_label_noise
 """
 

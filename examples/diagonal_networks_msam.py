@@ -9,8 +9,8 @@ the full-batch gradient), so it finds a much sparser predictor u * v that genera
 methods reach near-zero training loss. The unnormalized variants (``USAM``, e = rho g, the paper's theory) are
 run too, and a rho sweep for 1-SAM and n-SAM.
 
-python examples/diagonal_networks_msam.py            # the full run (minutes), writes docs/results/diagonal_networks_msam.md
-python examples/diagonal_networks_msam.py --quick    # seconds, writes docs/results/diagonal_networks_msam.quick.md
+python examples/diagonal_networks_msam.py            # the full run (minutes): docs/results/diagonal_networks_msam.md
+python examples/diagonal_networks_msam.py --quick    # seconds: docs/results/diagonal_networks_msam.quick.md
 tensorboard --logdir lightning_logs/diagonal_networks_msam
 """
 
@@ -111,9 +111,7 @@ class DiagonalNetwork(pl.LightningModule):
         ValueError: on a non-positive ``alpha`` or ``lr``, a negative ``label_noise``, an unknown optimizer.
     """
 
-    def __init__(
-        self, d: int, alpha: float, lr: float, optimizer: Optimizer = "sgd", label_noise: float = 0.0
-    ) -> None:
+    def __init__(self, d: int, alpha: float, lr: float, optimizer: Optimizer = "sgd", label_noise: float = 0.0) -> None:
         super().__init__()
         if not alpha > 0:
             raise ValueError(f"`alpha` must be positive, got {alpha!r}.")

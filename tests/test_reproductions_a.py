@@ -119,3 +119,12 @@ def test_support_and_switch_helpers():
         diag.sparse_regression(n=5, d=12, k=13, seed=1)
     erm_then_sam = load("erm_then_sam")
     assert [erm_then_sam.switch_epoch(f, 30) for f in (None, 0.0, 0.5, 0.75, 0.9)] == [None, 0, 15, 22, 27]
+
+
+def test_piecewise_schedule_of_the_paper_code():
+    erm_then_sam = load("erm_then_sam")
+    factors = [erm_then_sam.piecewise_factor(step, 100) for step in (0, 49, 50, 74, 75, 99)]
+    assert factors == [1.0, 1.0, 0.1, 0.1, 0.01, 0.01]
+    assert isinstance(erm_then_sam.make_classifier("piecewise", 0.05), erm_then_sam.PiecewiseDigitsClassifier)
+    with pytest.raises(ValueError, match="`schedule` must be"):
+        erm_then_sam.make_classifier("linear", 0.05)
