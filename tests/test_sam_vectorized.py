@@ -8,17 +8,17 @@ import warnings
 
 import lightning.pytorch as pl
 import pytest
-from lightning.pytorch.plugins import MixedPrecision
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.plugins import MixedPrecision
 from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 
 from lightning_sharpness import SAM
 from lightning_sharpness.batching import count_examples
 from lightning_sharpness.geometry import AdaptiveGeometry, Geometry, StandardGeometry
-from lightning_sharpness.sam.engine import SAMEngine, accumulate_sam_gradient, loss_scale
 from lightning_sharpness.sam import vectorized
+from lightning_sharpness.sam.engine import SAMEngine, accumulate_sam_gradient, loss_scale
 from lightning_sharpness.sam.vectorized import vectorizable_geometry
 from tests import reference
 from tests.helpers import Classifier, assert_same_weights, classification_data, clone, cnn_bn, loader, mlp, trainer
@@ -45,7 +45,7 @@ def loop_result(model, batch, m, rho, geometry, normalize, loss=cross_entropy):
     stats = accumulate_sam_gradient(
         engine, batch, lambda chunk: loss(model, chunk), lambda value: value.backward(), rho, 1.0, stash, True
     )
-    return [p.grad.clone() for p in model.parameters()], stats
+    return [None if p.grad is None else p.grad.clone() for p in model.parameters()], stats
 
 
 def vectorized_result(model, batch, m, rho, geometry, normalize, loss=cross_entropy, **kwargs):
@@ -60,7 +60,7 @@ def vectorized_result(model, batch, m, rho, geometry, normalize, loss=cross_entr
         assert torch.equal(b, saved), "the vectorized passes changed a running statistic"
     if stats is None:
         return None, None
-    return [p.grad.clone() for p in model.parameters()], stats
+    return [None if p.grad is None else p.grad.clone() for p in model.parameters()], stats
 
 
 def assert_same(loop, vectorized, loop_stats, stats):
@@ -160,6 +160,29 @@ def test_only_the_perturbed_parameters_move():
     torch.testing.assert_close(stats.perturbed_loss, loop_stats.perturbed_loss, rtol=1e-5, atol=1e-6)
 
 
+class WithUnusedLayer(nn.Module):
+    """A parameter the loss never reaches: no gradient, so the loop leaves it unmoved and without ``.grad``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = mlp()
+        self.unused = nn.Linear(3, 3)
+
+    def forward(self, x):
+        return self.net(x)
+
+
+def test_a_parameter_the_loss_does_not_reach_is_left_alone():
+    x, y = classification_data(n=12)
+    model = WithUnusedLayer()
+    twin = copy.deepcopy(model)
+    _, loop_stats = loop_result(model, (x, y), 4, 0.05, StandardGeometry(), True)
+    _, stats = vectorized_result(twin, (x, y), 4, 0.05, StandardGeometry(), True)
+    assert twin.unused.weight.grad is None and model.unused.weight.grad is None
+    loop = [p.grad for p in model.net.parameters()]
+    assert_same(loop, [p.grad for p in twin.net.parameters()], loop_stats, stats)
+
+
 def test_batch_of_dicts_with_shared_values():
     x, y = classification_data(n=12)
     model = mlp()
@@ -195,15 +218,35 @@ def test_item_in_forward_warns_once_and_leaves_the_step_to_the_loop():
     for p in twin.parameters():
         p.grad = torch.ones_like(p)
     with pytest.warns(UserWarning, match=r"ItemInForward.*cannot be vectorized.*item"):
-        assert vectorized_msam_gradient(
-            twin, cross_entropy, (x, y), 4, 0.05, StandardGeometry(), list(twin.parameters()), lambda v: v.backward()
-        ) is None
+        assert (
+            vectorized_msam_gradient(
+                twin,
+                cross_entropy,
+                (x, y),
+                4,
+                0.05,
+                StandardGeometry(),
+                list(twin.parameters()),
+                lambda v: v.backward(),
+            )
+            is None
+        )
     assert all(torch.equal(p.grad, torch.ones_like(p)) for p in twin.parameters())  # nothing written
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # said once
-        assert vectorized_msam_gradient(
-            twin, cross_entropy, (x, y), 4, 0.05, StandardGeometry(), list(twin.parameters()), lambda v: v.backward()
-        ) is None
+        assert (
+            vectorized_msam_gradient(
+                twin,
+                cross_entropy,
+                (x, y),
+                4,
+                0.05,
+                StandardGeometry(),
+                list(twin.parameters()),
+                lambda v: v.backward(),
+            )
+            is None
+        )
     # what the engine then does: its loop, which is the ground truth itself
     twin.zero_grad(set_to_none=True)
     fallback, fallback_stats = loop_result(twin, (x, y), 4, 0.05, StandardGeometry(), True)
@@ -258,9 +301,12 @@ def test_dropout_falls_back():
     x, y = classification_data(n=8)
     model = nn.Sequential(nn.Linear(8, 8), nn.Dropout(0.5), nn.Linear(8, 3))
     with pytest.warns(UserWarning, match="cannot be vectorized.*random"):
-        assert vectorized_msam_gradient(
-            model, cross_entropy, (x, y), 4, 0.05, Geometry(), list(model.parameters()), lambda v: v.backward()
-        ) is None
+        assert (
+            vectorized_msam_gradient(
+                model, cross_entropy, (x, y), 4, 0.05, Geometry(), list(model.parameters()), lambda v: v.backward()
+            )
+            is None
+        )
 
 
 def test_non_finite_gradient_leaves_the_step_to_the_loop_without_a_warning():
@@ -269,9 +315,12 @@ def test_non_finite_gradient_leaves_the_step_to_the_loop_without_a_warning():
     model = mlp()
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        assert vectorized_msam_gradient(
-            model, cross_entropy, (x, y), 4, 0.05, Geometry(), list(model.parameters()), lambda v: v.backward()
-        ) is None
+        assert (
+            vectorized_msam_gradient(
+                model, cross_entropy, (x, y), 4, 0.05, Geometry(), list(model.parameters()), lambda v: v.backward()
+            )
+            is None
+        )
     assert all(p.grad is None for p in model.parameters())
 
 
@@ -479,9 +528,12 @@ def test_several_processes_keep_the_loop(monkeypatch):
     x, y = classification_data(n=8)
     model = mlp()
     with pytest.warns(UserWarning, match="several processes"):
-        assert vectorized_msam_gradient(
-            model, cross_entropy, (x, y), 4, 0.05, Geometry(), list(model.parameters()), lambda v: v.backward()
-        ) is None
+        assert (
+            vectorized_msam_gradient(
+                model, cross_entropy, (x, y), 4, 0.05, Geometry(), list(model.parameters()), lambda v: v.backward()
+            )
+            is None
+        )
     assert all(p.grad is None for p in model.parameters())
 
 

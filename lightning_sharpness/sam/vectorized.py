@@ -150,9 +150,10 @@ def vectorized_msam_gradient(
         norm_stats_frozen: ``True`` when the loop would leave normalization running statistics unchanged (the
             callback with ``bn_update="first"``). ``False`` (the loop's passes update them chunk by chunk:
             the mixin, ``bn_update="both"``) falls back when a normalization layer tracks statistics.
-        max_memory: bytes of per-chunk parameter-sized tensors (gradient, step, perturbed weights and their
-            gradient: four copies of ``params`` per chunk) held at once; chunks are processed in slices that
-            fit. Activations of a slice are those of at most one batch, as in a plain step.
+        max_memory: bytes of per-chunk parameter-sized tensors (gradient and step, perturbed weights, their
+            gradient, autograd's buffers: about four copies of ``params`` per chunk) held at once; chunks are
+            processed in slices that fit. Activations of a slice are those of at most one batch, as in a plain
+            step (the vmapped kernels add some working memory of their own).
         min_chunks: below this many chunks the loop is as fast (measured on CPU: the digits CNN, 4 chunks
             take the loop's time, 8 chunks 0.77 of it, 64 chunks 0.38): return ``None``, silently.
         pass_context: entered around every vectorized pass, and must undo what the loss does to the module
@@ -164,9 +165,10 @@ def vectorized_msam_gradient(
         and reason, except a non-finite gradient, which is a property of the step rather than of the module).
 
     Raises:
-        ValueError: naming the argument, for ``m``, ``max_memory`` or ``min_chunks`` not an int >= 1, ``rho`` or ``eps`` not a
-            finite number >= 0, ``grad_divisor`` not a finite number > 0, ``normalize`` or
-            ``norm_stats_frozen`` not a bool.
+        ValueError: naming the argument, for ``m``, ``max_memory`` or ``min_chunks`` not an int >= 1, ``rho`` or
+            ``eps`` not a finite number >= 0, ``grad_divisor`` not a finite number > 0, ``normalize`` or
+            ``norm_stats_frozen`` not a bool; and ``count_examples``'s error for a batch whose per-example
+            fields disagree in length (the loop would raise it too).
     """
     check_int(m, "m")
     check_number(rho, "rho", minimum=0)
@@ -176,12 +178,14 @@ def vectorized_msam_gradient(
     check_flag(norm_stats_frozen, "norm_stats_frozen")
     check_int(max_memory, "max_memory")
     check_int(min_chunks, "min_chunks")
+    if -(-count_examples(batch) // m) < min_chunks:
+        return None
     try:
         plan = _plan(module, loss_of_chunk, batch, m, geometry, params, norm_stats_frozen)
     except _CannotVectorize as why:
         _refuse(module, str(why))
         return None
-    if plan.chunks < min_chunks or plan.signature in _refused_signatures(module):
+    if plan.signature in _refused_signatures(module):
         return None
     slices = list(plan.slices(max_memory))
     # One slice: its pass at w runs before anything is written. Several: the gradients are copied first (one
@@ -233,7 +237,6 @@ class _Plan:
         self.m = m
         self.n = n
         short = n - self.full * m
-        self.chunks = self.full + (short > 0)
         # Full chunks: a view [K, m, ...] of each per-example field; a short last chunk is its own group [1, r, ...].
         self.groups = []
         if self.full:
@@ -382,8 +385,11 @@ def _first_pass(plan: _Plan, chunks: list[Tensor], grad_divisor: float, pass_con
     with torch.enable_grad(), pass_context():
         stacked = [p.detach().unsqueeze(0).expand(count, *p.shape).requires_grad_() for p in plan.params]
         losses = _chunk_losses(plan, dict(zip(plan.names, stacked)), chunks)
-        g = list(torch.autograd.grad(losses.sum() * grad_divisor, stacked))
-    sq_norm = sum(_per_chunk_sq(gi, t) for gi, t in zip(g, plan.scales))
+        # allow_unused: a parameter the loss does not reach has no gradient, and the loop leaves it unmoved
+        g = list(torch.autograd.grad(losses.sum() * grad_divisor, stacked, allow_unused=True))
+    if all(gi is None for gi in g):
+        raise _CannotVectorize("the loss reaches no perturbed parameter")
+    sq_norm = sum(_per_chunk_sq(gi, t) for gi, t in zip(g, plan.scales) if gi is not None)
     norms = sq_norm.sqrt() / grad_divisor
     if not bool(torch.isfinite(norms).all()):
         raise _NonFinite
@@ -410,7 +416,7 @@ def _ascent_steps(plan, g, norms, rho, normalize, eps, grad_divisor) -> tuple[li
     ``e_i = coefficient_i T^2 g_i``. The product is left to the retraction, one fused kernel."""
     coefficient = (rho / (norms + eps) if normalize else torch.full_like(norms, rho)) / grad_divisor
     for gi, t in zip(g, plan.scales):
-        if t is not None:
+        if t is not None and gi is not None:
             gi.mul_(t).mul_(t)
     return g, coefficient
 
@@ -423,6 +429,7 @@ def _perturbed_losses(plan, chunks, steps, weights, pass_context) -> tuple[Tenso
         moved = {
             name: torch.addcmul(p.unsqueeze(0), d, coefficient.to(d.dtype).view(-1, *([1] * (d.ndim - 1))))
             for name, p, d in zip(plan.names, plan.params, directions)
+            if d is not None
         }
         losses = _chunk_losses(plan, moved, chunks)
         total = (losses * weights.to(losses)).sum()
