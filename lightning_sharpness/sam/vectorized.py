@@ -30,9 +30,9 @@ assigns its states (no in-place update) and ``quiet`` puts them back. Anything e
 (``self.last_logits = ...``) would be a tensor of ``vmap``'s, meaningless outside it: ``pass_context`` must undo
 such side effects, as ``quiet`` does for logging and metrics.
 
-Under a process group of more than one process (DDP, FSDP) it always returns ``None``: its passes call the
-module functionally, never through the DDP wrapper's ``forward``, so DDP's reducer would not expect the
-backward's gradient hooks and would silently skip the all-reduce. The engine keeps the loop there.
+Under an initialized process group (DDP, FSDP) it always returns ``None``: its passes call the module
+functionally, never through the DDP wrapper's ``forward``, so DDP's reducer would not expect the backward's
+gradient hooks and would silently skip the all-reduce. The engine keeps the loop there.
 """
 
 from __future__ import annotations
@@ -278,11 +278,11 @@ class _ChunkLoss(nn.Module):
 def _plan(module, loss_of_chunk, batch, m, geometry, params, norm_stats_frozen) -> _Plan:
     """Everything that can be checked before a pass: raises ``_CannotVectorize`` with the reason."""
     if torch.distributed.is_available() and torch.distributed.is_initialized():
-        if torch.distributed.get_world_size() > 1:
-            raise _CannotVectorize(
-                "several processes (DDP/FSDP): the vectorized passes bypass the DDP wrapper's forward, so its "
-                "reducer would not all-reduce their gradient"
-            )
+        # Even with one process: a DDP wrapper's reducer must see its forward before the backward it reduces.
+        raise _CannotVectorize(
+            "a process group is initialized (DDP/FSDP): the vectorized passes bypass the DDP wrapper's forward, "
+            "so its reducer would not all-reduce their gradient"
+        )
     if not vectorizable_geometry(geometry):
         raise _CannotVectorize(f"the geometry {geometry!r} is not element-wise")
     if not norm_stats_frozen:
