@@ -46,10 +46,9 @@ from peak_memory import PeakMemory  # noqa: E402
 
 from examples.digits import small_cnn  # noqa: E402
 from lightning_sharpness import SAM  # noqa: E402
-from lightning_sharpness.batching import count_examples  # noqa: E402
 from lightning_sharpness.geometry import StandardGeometry  # noqa: E402
 from lightning_sharpness.sam.engine import SAMEngine, accumulate_sam_gradient, loss_scale  # noqa: E402
-from lightning_sharpness.sam.vectorized import vectorized_msam_gradient  # noqa: E402
+from lightning_sharpness.sam.vectorized import vectorized_msam_gradient, vectorized_sam_step  # noqa: E402
 
 RHO = 0.05
 
@@ -166,20 +165,13 @@ class VectorizedSAM(SAM):
     default (8) leaves fewer chunks to the loop."""
 
     def _local_sam_pass(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        engine = self.engine
-        if engine.m is None or count_examples(self._batch) <= engine.m:
-            return super()._local_sam_pass(trainer, pl_module)
         k, scale = trainer.accumulate_grad_batches, loss_scale(trainer.precision_plugin)
-        engine.take_grads()  # Lightning's whole-batch gradient: not a chunk's
-        engine.put_grads(self._stash)
-        stats = vectorized_msam_gradient(
-            pl_module, lambda module, chunk: self._loss(trainer, pl_module, chunk), self._batch, engine.m,
-            self._stats.rho, engine._bound_geometry, engine._params,
-            backward=lambda loss: self._backward(trainer, pl_module, loss, k / scale), normalize=engine.normalize,
-            eps=engine.eps, grad_divisor=scale / k, norm_stats_frozen=engine.bn_update == "first", min_chunks=1,
+        stats = vectorized_sam_step(
+            self.engine, pl_module, self._batch, lambda chunk: self._loss(trainer, pl_module, chunk),
+            lambda loss: self._backward(trainer, pl_module, loss, k / scale), self._stats.rho, scale / k,
+            self._stash, first_grad_ready=True, min_chunks=1,
         )  # fmt: skip
         if stats is None:
-            self._stash = engine.take_grads()
             return super()._local_sam_pass(trainer, pl_module)
         self._stash = []
         self._record(stats.perturbed_loss / k, stats.grad_norm)

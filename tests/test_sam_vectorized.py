@@ -15,11 +15,10 @@ from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 
 from lightning_sharpness import SAM
-from lightning_sharpness.batching import count_examples
 from lightning_sharpness.geometry import AdaptiveGeometry, Geometry, StandardGeometry
 from lightning_sharpness.sam import vectorized
 from lightning_sharpness.sam.engine import SAMEngine, accumulate_sam_gradient, loss_scale
-from lightning_sharpness.sam.vectorized import vectorizable_geometry
+from lightning_sharpness.sam.vectorized import vectorizable_geometry, vectorized_sam_step
 from tests import reference
 from tests.helpers import Classifier, assert_same_weights, classification_data, clone, cnn_bn, loader, mlp, trainer
 from tests.reference import norm_buffers
@@ -343,25 +342,21 @@ def test_bad_arguments_name_themselves(argument, value, message):
 
 # ---------------------------------------------------------------- the integration, through Lightning
 class VectorizedSAM(SAM):
-    """The SAM callback with the m-SAM loop replaced by the vectorized passes, as the engine is to wire it."""
+    """The SAM callback with the m-SAM loop replaced by the vectorized passes, as the engine is to wire it:
+    ``vectorized_sam_step`` first, ``accumulate_sam_gradient`` (here: the callback's own pass) when it declines."""
+
+    vectorized_steps = 0
 
     def _local_sam_pass(self, trainer, pl_module) -> None:
-        engine = self.engine
-        if engine.m is None or count_examples(self._batch) <= engine.m:
-            return super()._local_sam_pass(trainer, pl_module)
         k, scale = trainer.accumulate_grad_batches, loss_scale(trainer.precision_plugin)
-        engine.take_grads()  # Lightning's whole-batch gradient: not a chunk's
-        engine.put_grads(self._stash)
-        stats = vectorized_msam_gradient(
-            pl_module, lambda module, chunk: self._loss(trainer, pl_module, chunk), self._batch, engine.m,
-            self._stats.rho, engine._bound_geometry, engine._params,
-            backward=lambda loss: self._backward(trainer, pl_module, loss, k / scale), normalize=engine.normalize,
-            eps=engine.eps, grad_divisor=scale / k, norm_stats_frozen=engine.bn_update == "first",
+        stats = vectorized_sam_step(
+            self.engine, pl_module, self._batch, lambda chunk: self._loss(trainer, pl_module, chunk),
+            lambda loss: self._backward(trainer, pl_module, loss, k / scale), self._stats.rho, scale / k,
+            self._stash, first_grad_ready=True, min_chunks=1,
         )  # fmt: skip
-        self.vectorized_steps = getattr(self, "vectorized_steps", 0) + (stats is not None)
         if stats is None:
-            self._stash = engine.take_grads()
             return super()._local_sam_pass(trainer, pl_module)
+        self.vectorized_steps += 1
         self._stash = []
         self._record(stats.perturbed_loss / k, stats.grad_norm)
 
@@ -545,3 +540,51 @@ def test_fewer_chunks_than_min_chunks_leave_the_step_to_the_loop_silently():
         assert vectorized.vectorized_msam_gradient(*call) is None  # 7 chunks < 8, the default
     assert all(p.grad is None for p in model.parameters())
     assert vectorized.vectorized_msam_gradient(*call, min_chunks=7) is not None
+
+
+def sam_step_on_a_stash(vectorized_step: bool, first_grad_ready: bool):
+    """One step of ``accumulate_sam_gradient`` or ``vectorized_sam_step`` onto a stash of 0.5, with the caller's
+    whole-batch gradient in ``.grad`` first (the callback) or nothing there (the mixin)."""
+    x, y = classification_data(n=20)
+    model = mlp()
+    engine = SAMEngine(rho=0.05, m=4)
+    engine.follow(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    stash = [torch.full_like(p, 0.5) for p in model.parameters()]
+    if first_grad_ready:
+        cross_entropy(model, (x, y)).backward()
+
+    def loss_of(chunk):
+        return cross_entropy(model, chunk)
+
+    common = ((x, y), loss_of, lambda v: v.backward(), 0.05, 1.0, stash, first_grad_ready)
+    if vectorized_step:
+        stats = vectorized_sam_step(engine, model, *common, min_chunks=1)
+    else:
+        stats = accumulate_sam_gradient(engine, *common)
+    return [p.grad.clone() for p in model.parameters()], stats
+
+
+@pytest.mark.parametrize("first_grad_ready", [True, False], ids=["callback", "mixin"])
+def test_vectorized_sam_step_keeps_accumulate_sam_gradients_contract(first_grad_ready):
+    loop, loop_stats = sam_step_on_a_stash(False, first_grad_ready)
+    grads, stats = sam_step_on_a_stash(True, first_grad_ready)
+    assert_same(loop, grads, loop_stats, stats)
+
+
+def test_vectorized_sam_step_declines_with_grad_and_stash_untouched():
+    x, y = classification_data(n=20)
+    model = nn.Sequential(nn.Linear(8, 8), nn.Dropout(0.5), nn.Linear(8, 3))
+    engine = SAMEngine(rho=0.05, m=4)
+    engine.follow(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    stash = [torch.full_like(p, 0.5) for p in model.parameters()]
+    for p in model.parameters():
+        p.grad = torch.ones_like(p)
+    call = (engine, model, (x, y), lambda c: cross_entropy(model, c), lambda v: v.backward(), 0.05, 1.0, stash, True)
+    with pytest.warns(UserWarning, match="random"):
+        assert vectorized_sam_step(*call, min_chunks=1) is None
+    assert all(torch.equal(p.grad, torch.ones_like(p)) for p in model.parameters())
+    assert all(torch.equal(s, torch.full_like(s, 0.5)) for s in stash)
+    assert vectorized_sam_step(*call) is None  # 5 chunks, fewer than the default 8: declined silently
+    single = SAMEngine(rho=0.05)  # no m: n-SAM, the loop's
+    single.follow(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    assert vectorized_sam_step(single, *call[1:], min_chunks=1) is None

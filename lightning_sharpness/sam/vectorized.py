@@ -41,7 +41,7 @@ import weakref
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
@@ -52,12 +52,16 @@ from lightning_sharpness.batching import count_examples
 from lightning_sharpness.geometry import Geometry
 from lightning_sharpness.validation import check_flag, check_int, check_number
 
+if TYPE_CHECKING:
+    from lightning_sharpness.sam.engine import SAMEngine, SAMStepStats
+
 __all__ = [
     "ChunkStats",
     "DEFAULT_MAX_MEMORY",
     "DEFAULT_MIN_CHUNKS",
     "vectorizable_geometry",
     "vectorized_msam_gradient",
+    "vectorized_sam_step",
 ]
 
 #: Bytes of per-chunk parameter-sized tensors one slice of chunks may hold (see ``max_memory``).
@@ -222,6 +226,58 @@ def _save_grads(module: nn.Module) -> list[tuple[nn.Parameter, Tensor | None]]:
 def _restore_grads(saved: list[tuple[nn.Parameter, Tensor | None]] | None) -> None:
     for p, g in saved or []:
         p.grad = g
+
+
+def vectorized_sam_step(
+    engine: SAMEngine,
+    module: nn.Module,
+    batch: Any,
+    loss_of: Callable[[Any], Tensor],
+    backward: Callable[[Tensor], None],
+    rho: float,
+    grad_divisor: float,
+    stash: list[Tensor | None],
+    first_grad_ready: bool,
+    pass_context: Callable[[], AbstractContextManager] = nullcontext,
+    max_memory: int = DEFAULT_MAX_MEMORY,
+    min_chunks: int = DEFAULT_MIN_CHUNKS,
+) -> SAMStepStats | None:
+    """:func:`~lightning_sharpness.sam.engine.accumulate_sam_gradient`'s contract for ``engine.m`` chunks,
+    vectorized: the SAM gradient of ``batch`` added to ``stash`` and left in ``.grad``, and the loop's statistics.
+
+    The arguments are ``accumulate_sam_gradient``'s (``module``: the one ``engine`` follows;
+    ``pass_context``: its ``perturbed_pass_context``, entered around every vectorized pass). Returns ``None``,
+    with ``.grad`` and ``stash`` as they came, when the loop must run: no ``m`` or one chunk (the loop reuses
+    the caller's gradient there), or whatever :func:`vectorized_msam_gradient` refuses.
+    """
+    from lightning_sharpness.sam.engine import SAMStepStats  # the engine imports this module
+
+    if engine.m is None or count_examples(batch) <= engine.m:
+        return None
+    held = engine.take_grads()  # with first_grad_ready, the caller's whole-batch gradient: not a chunk's
+    engine.put_grads(stash)
+    chunks = vectorized_msam_gradient(
+        module,
+        lambda _module, chunk: loss_of(chunk),
+        batch,
+        engine.m,
+        rho,
+        engine._bound_geometry,
+        engine._params,
+        backward,
+        normalize=engine.normalize,
+        eps=engine.eps,
+        grad_divisor=grad_divisor,
+        norm_stats_frozen=first_grad_ready and engine.bn_update == "first",
+        max_memory=max_memory,
+        pass_context=pass_context,
+        min_chunks=min_chunks,
+    )
+    if chunks is None:
+        engine.take_grads()  # the stash, untouched
+        engine.put_grads(held)
+        return None
+    return SAMStepStats(loss=chunks.loss, perturbed_loss=chunks.perturbed_loss, grad_norm=chunks.grad_norm, rho=rho)
 
 
 # ---------------------------------------------------------------- what is vectorized, and how it is cut
