@@ -29,13 +29,15 @@ Methods, each library at the settings it offers (walked from cheap to expensive)
   budget. Best: the lowest efficiency over Hutchinson, Hutch++ and XTrace at 24-99 products.
 
 Timing: each library in fresh processes, two rounds with the libraries' order reversed in the second (the machine is
-shared), a cheap warm-up call first in each process; the medians of every timed call of a setting. Peak memory:
-the process's resident-set high-water mark above its resident set after setup, over all its calls (MiB). HVP /
+shared), a cheap warm-up call first in each process; the medians of every timed call of a setting. Peak memory: the
+peak of live tensor bytes during one call (the profiler's memory timeline), and the process's resident-set high-water
+mark above its setup over all its calls (which includes what the allocator keeps between calls). HVP /
 gradient: one product through each library's own path (ours: the held gradient graph; PyHessian: its held graph;
 curvlinops: forward-over-reverse ``vmap`` blocks of 16; hessian-eigenthings: graph rebuilt per product) over one
 gradient (forward + backward), medians of interleaved repeats.
 
-    python benchmarks/measures.py            # the full table, about 20 minutes; needs the [bench] extra
+    python benchmarks/measures.py            # the full tables; about 20 minutes on an idle machine (the [bench] extra)
+    python benchmarks/measures.py --memory   # only the peak tensor memory of one call per library
     python benchmarks/measures.py --quick    # a smoke test on the CNN, under a minute (missing libraries skipped)
 """
 
@@ -565,7 +567,9 @@ def table(results: dict, quick: bool) -> str:
         "absolute times are not. Eigenvalue: the median time of the cheapest setting whose *worst* relative error "
         f"over the seeds is within the target. Trace efficiency: time × (relative RMS error over the seeds)², in "
         "ms, lower is better. HVP / gradient: one product through the library's own path over one gradient "
-        "(forward + backward). Peak: resident-set high-water mark above setup, MiB.",
+        "(forward + backward). Peak RSS: the process's resident-set high-water mark above its setup over all its calls "
+        "(it includes what the allocator keeps between calls; the peak tensor memory of one call is in the last "
+        "table).",
         "",
     ]
     for model_name, result in results.items():
@@ -581,7 +585,7 @@ def table(results: dict, quick: bool) -> str:
         lines += [
             "",
             "| library | top eig. to 1e-2 | top eig. to 1e-3 | trace eff. at defaults | trace eff. at best "
-            "| HVP / gradient | peak MiB |",
+            "| HVP / gradient | peak RSS MiB |",
             "|---|---|---|---|---|---|---|",
         ]
         for lib, row in rows.items():
@@ -610,10 +614,65 @@ def table(results: dict, quick: bool) -> str:
     return "\n".join(lines)
 
 
+# ---------------------------------------------------------------------------------------------- peak tensor memory
+MEMORY_EIG = {"ours": 1e-3, "pyhessian": 1e-3, "curvlinops": (20, 1e-3), "eigenthings": 20}
+
+
+def _memory_job(model_name: str, lib: str, kind: str, setting) -> float:
+    """Peak bytes one call adds to the resident set of a fresh process, after a warm-up call: the high-water mark
+    during the call above the resident set before it. One call only, so nothing an earlier call left to the
+    allocator counts (the profiler's tensor timeline of ``peak_memory.py`` crashed on curvlinops' ``vmap``)."""
+    torch.set_num_threads(1)
+    warnings.filterwarnings("ignore")
+    model, x, y = MODELS[model_name]()
+    L = Library(lib, model, x, y)
+    L.warm_up()
+    call = L.eig if kind == "eig" else L.trace
+    import gc
+
+    gc.collect()
+    with open("/proc/self/clear_refs", "w") as f:  # resets the high-water mark (VmHWM) to the current resident set
+        f.write("5")
+    before = _hwm_mib()
+    call(0, setting)
+    return max(0.0, _hwm_mib() - before) * 2**20
+
+
+def _hwm_mib() -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    raise RuntimeError("no VmHWM in /proc/self/status")
+
+
+def memory_table(models: list[str], libs: list[str], run) -> str:
+    lines = [
+        "Peak memory of one call (MiB: the resident-set high-water mark during the call above the resident set "
+        "before it, in a fresh process after a warm-up call): "
+        "the top eigenvalue at " + ", ".join(f"{NAMES[lib]} {_setting(lib, MEMORY_EIG[lib])}" for lib in libs)
+        + "; the trace at each library's default (curvlinops: XTrace 48).",
+        "",
+        "| model | " + " | ".join(f"{NAMES[lib]} eig. / trace" for lib in libs) + " |",
+        "|---" * (len(libs) + 1) + "|",
+    ]
+    for model_name in models:
+        cells = []
+        for lib in libs:
+            trace_setting = TRACE[lib][0] if HAS_DEFAULT[lib] else ("xtrace", 48)
+            eig = run(_memory_job, model_name, lib, "eig", MEMORY_EIG[lib]) / 2**20
+            tr = run(_memory_job, model_name, lib, "trace", trace_setting) / 2**20
+            cells.append(f"{eig:.1f} / {tr:.1f}")
+            print(f"memory {model_name} {lib}: {cells[-1]}", file=sys.stderr, flush=True)
+        lines.append(f"| {TITLES[model_name]} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="smoke test: the CNN, 2 seeds, in this process")
     parser.add_argument("--models", default=None, help="comma-separated subset of cnn,mlp,resnet")
+    parser.add_argument("--memory", action="store_true", help="only the peak tensor memory of one call per library")
     parser.add_argument("--out", default=None, help=f"where to write the table (default {OUT}; quick: not written)")
     args = parser.parse_args(argv)
     models = args.models.split(",") if args.models else (["cnn"] if args.quick else list(MODELS))
@@ -627,13 +686,25 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(1)
     run = _in_process if args.quick else _fresh
     seeds = 2 if args.quick else 10
-    results = {m: run_model(m, libs, seeds, args.quick, run) for m in models}
-    text = table(results, args.quick)
-    print(text)
+    if args.memory:
+        text = memory_table(models, libs, run)
+        print(text)
+        if args.out:
+            Path(args.out).write_text(text + "\n")
+        return
     out = args.out or (None if args.quick else OUT)
-    if out:
-        Path(out).parent.mkdir(parents=True, exist_ok=True)
-        Path(out).write_text(text + "\n")
+    results = {}
+    for m in models:
+        results[m] = run_model(m, libs, seeds, args.quick, run)
+        text = table(results, args.quick)
+        if out:  # after each model: a long run that is stopped keeps the models it finished
+            Path(out).parent.mkdir(parents=True, exist_ok=True)
+            Path(out).write_text(text + "\n")
+    if not args.quick:
+        text += "\n" + memory_table(models, libs, run) + "\n"
+        if out:
+            Path(out).write_text(text + "\n")
+    print(text)
 
 
 if __name__ == "__main__":
