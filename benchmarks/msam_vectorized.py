@@ -6,8 +6,8 @@ real digits, SGD. For each m in {1, 4, 16, 64}, against a plain step (forward, b
   * ``loop``: the callback's m-SAM step today: the ordinary pass (Lightning's), then ``accumulate_sam_gradient``;
   * ``vectorized``: the same step with the loop replaced by ``vectorized_msam_gradient``;
   * ``loop alone`` / ``vectorized alone``: the m-SAM passes without the ordinary pass, i.e. exactly what the
-    vectorization replaces (the mixin's step has this cost; there the loop's passes at w also update BatchNorm
-    statistics chunk by chunk, which the vectorized passes cannot, so a mixin with BatchNorm keeps the loop).
+    vectorization replaces, and the cost of the mixin's step (whose passes at w also update BatchNorm
+    statistics, replayed by the vectorized path; timed here with the statistics frozen, as in the callback).
 
 Also printed: the largest difference between the loop's and the vectorized gradients (they must agree to
 1e-5), and the peak memory of one step above a plain step, in MiB (PyTorch's profiler records the

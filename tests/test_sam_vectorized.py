@@ -286,14 +286,13 @@ def test_refusals_before_any_pass():
     for args, kwargs, reason in cases:
         with pytest.warns(UserWarning, match=reason):
             assert vectorized_msam_gradient(*args, lambda v: v.backward(), **kwargs) is None
-    bn = cnn_bn()
-    with pytest.warns(UserWarning, match="running statistics chunk by chunk"):
-        xi, yi = classification_data(n=8, image=True)
-        result = vectorized_msam_gradient(
-            bn, cross_entropy, (xi, yi), 4, 0.05, Geometry(), list(bn.parameters()), lambda v: v.backward(),
-            norm_stats_frozen=False,
-        )  # fmt: skip
-        assert result is None
+    instance = nn.Sequential(nn.Conv2d(1, 2, 3), nn.InstanceNorm2d(2, track_running_stats=True), nn.Flatten())
+    xi, yi = classification_data(n=8, image=True)
+    with pytest.warns(UserWarning, match="'1' tracks running statistics"):
+        assert vectorized_msam_gradient(
+            instance, cross_entropy, (xi, yi % 2), 4, 0.05, Geometry(), list(instance.parameters()),
+            lambda v: v.backward(),
+        ) is None  # fmt: skip
 
 
 def test_dropout_falls_back():
@@ -326,7 +325,8 @@ def test_non_finite_gradient_leaves_the_step_to_the_loop_without_a_warning():
 @pytest.mark.parametrize(
     ("argument", "value", "message"),
     [("m", 0, "`m` must be an int >= 1"), ("rho", -1.0, "`rho`"), ("grad_divisor", 0.0, "`grad_divisor`"),
-     ("max_memory", 0, "`max_memory`"), ("normalize", 1, "`normalize`"), ("min_chunks", 0, "`min_chunks`")],
+     ("max_memory", 0, "`max_memory`"), ("normalize", 1, "`normalize`"), ("min_chunks", 0, "`min_chunks`"),
+     ("norm_stats", "first", "`norm_stats`")],
 )  # fmt: skip
 def test_bad_arguments_name_themselves(argument, value, message):
     x, y = classification_data(n=8)
@@ -588,3 +588,42 @@ def test_vectorized_sam_step_declines_with_grad_and_stash_untouched():
     single = SAMEngine(rho=0.05)  # no m: n-SAM, the loop's
     single.follow(model, torch.optim.SGD(model.parameters(), lr=0.1))
     assert vectorized_sam_step(single, *call[1:], min_chunks=1) is None
+
+
+@pytest.mark.parametrize(
+    ("bn_update", "first_grad_ready", "momentum"),
+    [("first", False, 0.1), ("both", True, 0.1), ("both", False, None)],
+    ids=["mixin", "callback-both", "mixin-both-cumulative"],
+)
+def test_running_statistics_are_replayed_as_the_loop_updates_them(bn_update, first_grad_ready, momentum):
+    """Where the loop's passes update BatchNorm statistics (the mixin's passes at w; every pass with
+    ``bn_update='both'``), chunk by chunk, the vectorized passes replay the same updates in the same order, from
+    each chunk's batch statistics; ``momentum=None`` (a cumulative average) counts every update."""
+    x, y = classification_data(n=22, image=True)  # m = 4: five chunks and a short one of 2
+    results = []
+    for vectorized_step in (False, True):
+        model = cnn_bn()
+        model[1].momentum = momentum
+        engine = SAMEngine(rho=0.05, m=4, bn_update=bn_update)
+        engine.follow(model, torch.optim.SGD(model.parameters(), lr=0.1))
+        stash = engine.take_grads()
+        if first_grad_ready:
+            cross_entropy(model, (x, y)).backward()
+
+        def loss_of(chunk, model=model):
+            return cross_entropy(model, chunk)
+
+        common = ((x, y), loss_of, lambda v: v.backward(), 0.05, 1.0, stash, first_grad_ready)
+        if vectorized_step:
+            stats = vectorized_sam_step(engine, model, *common, min_chunks=1)
+        else:
+            stats = accumulate_sam_gradient(engine, *common)
+        assert stats is not None
+        results.append((model, [p.grad.clone() for p in model.parameters()], stats))
+    (loop_model, loop, loop_stats), (model, grads, stats) = results
+    assert_same(loop, grads, loop_stats, stats)
+    updates = int(loop_model[1].num_batches_tracked)
+    assert updates == (1 if first_grad_ready else 0) + 6 * (2 if bn_update == "both" else 1)
+    assert int(model[1].num_batches_tracked) == updates
+    for name in ("running_mean", "running_var"):
+        torch.testing.assert_close(getattr(model[1], name), getattr(loop_model[1], name), rtol=1e-6, atol=1e-7)

@@ -15,10 +15,12 @@ overhead when ``m`` is small. Here the same quantities come from two vectorized 
    the loop's scale, accumulated onto whatever ``.grad`` held (the caller's stash).
 
 Equal to the loop (to float rounding) when the geometry is element-wise (``T`` depends on one weight: the
-standard and adaptive geometries; anything that overrides more than :meth:`Geometry.scale` falls back), and
-when normalization layers are not to be updated by these passes (the callback's case with
-``bn_update="first"``: inside the passes BatchNorm normalizes each chunk by its own batch statistics and its
-running statistics stay bitwise unchanged).
+standard and adaptive geometries; anything that overrides more than :meth:`Geometry.scale` falls back).
+BatchNorm in training mode normalizes each chunk by its own batch statistics, as in the loop. Its running
+statistics stay bitwise unchanged where the loop's passes leave them so (the callback with
+``bn_update="first"``); where the loop's passes update them chunk by chunk (the mixin's passes at ``w``,
+``bn_update="both"``), the same updates are replayed afterwards in the loop's order, from the per-chunk batch
+statistics the vmapped passes record (equal to float rounding; ``num_batches_tracked`` exactly).
 
 What cannot be vmapped runs the loop instead: :func:`vectorized_msam_gradient` returns ``None`` and warns once
 per module, naming it and the reason. That covers data-dependent control flow, ``.item()``, in-place updates of
@@ -41,7 +43,8 @@ import weakref
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from functools import partial
+from typing import TYPE_CHECKING, Any, Literal, get_args
 
 import torch
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
@@ -50,7 +53,7 @@ from torch.func import functional_call, vmap
 
 from lightning_sharpness.batching import count_examples
 from lightning_sharpness.geometry import Geometry
-from lightning_sharpness.validation import check_flag, check_int, check_number
+from lightning_sharpness.validation import check_choice, check_flag, check_int, check_number
 
 if TYPE_CHECKING:
     from lightning_sharpness.sam.engine import SAMEngine, SAMStepStats
@@ -69,6 +72,12 @@ DEFAULT_MAX_MEMORY = 1 << 30
 
 #: Fewer chunks than this run the loop (see ``min_chunks``).
 DEFAULT_MIN_CHUNKS = 8
+
+#: Which of the loop's passes update BatchNorm running statistics (see ``norm_stats``).
+NormStats = Literal["frozen", "at_w", "both"]
+
+#: Per recorded BatchNorm call, in call order: the layers, the batch means and variances ([chunks, channels]).
+_BatchStats = tuple[list[nn.Module], list[Tensor], list[Tensor]]
 
 #: The methods a geometry may not override to be vectorized: all its vector operations are then the base
 #: class's element-wise ones, parametrized by :meth:`Geometry.scale` only.
@@ -126,7 +135,7 @@ def vectorized_msam_gradient(
     normalize: bool = True,
     eps: float = 1e-12,
     grad_divisor: float = 1.0,
-    norm_stats_frozen: bool = True,
+    norm_stats: NormStats = "frozen",
     max_memory: int = DEFAULT_MAX_MEMORY,
     pass_context: Callable[[], AbstractContextManager] = nullcontext,
     min_chunks: int = DEFAULT_MIN_CHUNKS,
@@ -151,9 +160,10 @@ def vectorized_msam_gradient(
         backward: back-propagates a loss as the loop's ``backward`` does: ``.grad += grad_divisor * dloss/dw``.
         grad_divisor: the scale of ``backward`` (a GradScaler's scale over the accumulation steps): the pass at
             ``w`` is scaled the same way, so fp16 gradients underflow exactly where the loop's would.
-        norm_stats_frozen: ``True`` when the loop would leave normalization running statistics unchanged (the
-            callback with ``bn_update="first"``). ``False`` (the loop's passes update them chunk by chunk:
-            the mixin, ``bn_update="both"``) falls back when a normalization layer tracks statistics.
+        norm_stats: which of the loop's passes update BatchNorm running statistics, replayed here in the loop's
+            order (chunk by chunk, each from its chunk's batch statistics): ``"frozen"`` none (the callback with
+            ``bn_update="first"``: they stay bitwise unchanged), ``"at_w"`` the passes at ``w`` (the mixin with
+            ``bn_update="first"``), ``"both"`` every pass (``bn_update="both"``).
         max_memory: bytes of per-chunk parameter-sized tensors (gradient and step, perturbed weights, their
             gradient, autograd's buffers: about four copies of ``params`` per chunk) held at once; chunks are
             processed in slices that fit. Activations of a slice are those of at most one batch, as in a plain
@@ -170,8 +180,8 @@ def vectorized_msam_gradient(
 
     Raises:
         ValueError: naming the argument, for ``m``, ``max_memory`` or ``min_chunks`` not an int >= 1, ``rho`` or
-            ``eps`` not a finite number >= 0, ``grad_divisor`` not a finite number > 0, ``normalize`` or
-            ``norm_stats_frozen`` not a bool; and ``count_examples``'s error for a batch whose per-example
+            ``eps`` not a finite number >= 0, ``grad_divisor`` not a finite number > 0, ``normalize`` not a
+            bool, ``norm_stats`` not one of its choices; and ``count_examples``'s error for a batch whose per-example
             fields disagree in length (the loop would raise it too).
     """
     check_int(m, "m")
@@ -179,13 +189,13 @@ def vectorized_msam_gradient(
     check_number(eps, "eps", minimum=0)
     check_number(grad_divisor, "grad_divisor", minimum=0, strict=True)
     check_flag(normalize, "normalize")
-    check_flag(norm_stats_frozen, "norm_stats_frozen")
+    check_choice(norm_stats, "norm_stats", get_args(NormStats))
     check_int(max_memory, "max_memory")
     check_int(min_chunks, "min_chunks")
     if -(-count_examples(batch) // m) < min_chunks:
         return None
     try:
-        plan = _plan(module, loss_of_chunk, batch, m, geometry, params, norm_stats_frozen)
+        plan = _plan(module, loss_of_chunk, batch, m, geometry, params)
     except _CannotVectorize as why:
         _refuse(module, str(why))
         return None
@@ -196,13 +206,14 @@ def vectorized_msam_gradient(
     # copy of the trainable parameters), so that a failure in a later slice can still hand the step, untouched,
     # to the loop.
     saved = _save_grads(module) if len(slices) > 1 else None
-    results = []
-    with _batch_statistics_only(module):
+    results, updates = [], []
+    with _batch_statistics_only(module) as layers:
+        plan.record = layers if norm_stats != "frozen" else []
         for chunks, weights in slices:
             try:
-                g, losses, norms = _first_pass(plan, chunks, grad_divisor, pass_context)
+                g, losses, norms, at_w = _first_pass(plan, chunks, grad_divisor, pass_context)
                 steps = _ascent_steps(plan, g, norms, rho, normalize, eps, grad_divisor)
-                total, perturbed = _perturbed_losses(plan, chunks, steps, weights, pass_context)
+                total, perturbed, at_moved = _perturbed_losses(plan, chunks, steps, weights, pass_context)
             except _NonFinite:
                 _restore_grads(saved)
                 return None  # the loop handles an overflowing step (a GradScaler backs off): nothing to remember
@@ -215,6 +226,9 @@ def vectorized_msam_gradient(
             backward(total)
             del total
             results.append((losses, perturbed, norms, weights))
+            updates.append((at_w, at_moved if norm_stats == "both" else None))
+    for at_w, at_moved in updates:  # only now: a slice that failed above leaves the statistics untouched
+        _replay_running_stats(at_w, at_moved)
     losses, perturbed, norms, weights = (torch.cat(column) for column in zip(*results))
     return ChunkStats(losses=losses, perturbed_losses=perturbed, grad_norms=norms, weights=weights.to(losses))
 
@@ -268,7 +282,7 @@ def vectorized_sam_step(
         normalize=engine.normalize,
         eps=engine.eps,
         grad_divisor=grad_divisor,
-        norm_stats_frozen=first_grad_ready and engine.bn_update == "first",
+        norm_stats="both" if engine.bn_update == "both" else "frozen" if first_grad_ready else "at_w",
         max_memory=max_memory,
         pass_context=pass_context,
         min_chunks=min_chunks,
@@ -302,6 +316,7 @@ class _Plan:
         shapes = tuple(tuple(leaf.shape) for group in self.groups for leaf in group)
         self.signature = (shapes, tuple(self.names))
         self.param_bytes = sum(p.numel() * p.element_size() for p in self.params)
+        self.record: list[nn.Module] = []  # the BatchNorm layers whose batch statistics the passes return
 
     def slices(self, max_memory: int):
         """``(chunks, weights)`` per slice: at most ``max_memory // (4 * param bytes)`` chunks, one group each."""
@@ -331,7 +346,7 @@ class _ChunkLoss(nn.Module):
         return loss.reshape(())
 
 
-def _plan(module, loss_of_chunk, batch, m, geometry, params, norm_stats_frozen) -> _Plan:
+def _plan(module, loss_of_chunk, batch, m, geometry, params) -> _Plan:
     """Everything that can be checked before a pass: raises ``_CannotVectorize`` with the reason."""
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         # Even with one process: a DDP wrapper's reducer must see its forward before the backward it reduces.
@@ -341,12 +356,6 @@ def _plan(module, loss_of_chunk, batch, m, geometry, params, norm_stats_frozen) 
         )
     if not vectorizable_geometry(geometry):
         raise _CannotVectorize(f"the geometry {geometry!r} is not element-wise")
-    if not norm_stats_frozen:
-        tracking = [name for name, layer in module.named_modules() if _tracks_stats(layer)]
-        if tracking:
-            raise _CannotVectorize(
-                f"normalization layer {tracking[0]!r} would update its running statistics chunk by chunk"
-            )
     others = [
         name
         for name, layer in module.named_modules()
@@ -440,7 +449,7 @@ def _first_pass(plan: _Plan, chunks: list[Tensor], grad_divisor: float, pass_con
     count = chunks[0].shape[0]
     with torch.enable_grad(), pass_context():
         stacked = [p.detach().unsqueeze(0).expand(count, *p.shape).requires_grad_() for p in plan.params]
-        losses = _chunk_losses(plan, dict(zip(plan.names, stacked)), chunks)
+        losses, at_w = _chunk_losses(plan, dict(zip(plan.names, stacked)), chunks)
         # allow_unused: a parameter the loss does not reach has no gradient, and the loop leaves it unmoved
         g = list(torch.autograd.grad(losses.sum() * grad_divisor, stacked, allow_unused=True))
     if all(gi is None for gi in g):
@@ -449,16 +458,56 @@ def _first_pass(plan: _Plan, chunks: list[Tensor], grad_divisor: float, pass_con
     norms = sq_norm.sqrt() / grad_divisor
     if not bool(torch.isfinite(norms).all()):
         raise _NonFinite
-    return g, losses.detach(), norms
+    return g, losses.detach(), norms, at_w
 
 
-def _chunk_losses(plan: _Plan, weights: dict[str, Tensor], chunks: list[Tensor]) -> Tensor:
-    """``L_i(W_i)`` for every chunk ``i``: the loss vmapped over the rows of the weights and of the chunks."""
+def _chunk_losses(plan: _Plan, weights: dict[str, Tensor], chunks: list[Tensor]) -> tuple[Tensor, _BatchStats]:
+    """``L_i(W_i)`` for every chunk ``i``: the loss vmapped over the rows of the weights and of the chunks; and the
+    batch statistics each recorded BatchNorm call normalized by, one row per chunk, in call order."""
+    order: list[nn.Module] = []
 
-    def chunk_loss(params: dict[str, Tensor], leaves: list[Tensor]) -> Tensor:
-        return functional_call(plan.call, params, (leaves,))
+    def chunk_loss(params: dict[str, Tensor], leaves: list[Tensor]):
+        seen: list[tuple[nn.Module, Tensor, Tensor]] = []
+        hooks = [layer.register_forward_pre_hook(partial(_record_batch_stats, seen)) for layer in plan.record]
+        try:
+            loss = functional_call(plan.call, params, (leaves,))
+        finally:
+            for hook in hooks:
+                hook.remove()
+        order[:] = [layer for layer, _, _ in seen]  # Python objects: kept out of vmap's outputs
+        return loss, [mean for _, mean, _ in seen], [var for _, _, var in seen]
 
-    return vmap(chunk_loss, in_dims=(0, 0), randomness="error")(weights, chunks)
+    losses, means, variances = vmap(chunk_loss, in_dims=(0, 0), randomness="error")(weights, chunks)
+    return losses, (order, means, variances)
+
+
+def _record_batch_stats(seen: list, layer: nn.Module, args: tuple) -> None:
+    """What BatchNorm's kernel folds into its running statistics: the batch mean and unbiased variance of each
+    channel of its input (over all dimensions but the channels')."""
+    x = args[0].detach().float()
+    dims = [0, *range(2, x.ndim)]
+    seen.append((layer, x.mean(dims), x.var(dims, correction=1)))
+
+
+def _replay_running_stats(at_w: _BatchStats, at_moved: _BatchStats | None) -> None:
+    """The loop's running-statistics updates, in its order: chunk by chunk, the pass at ``w`` before the pass at
+    ``w + e`` (``at_moved``, when those update too), each BatchNorm call in the order the forward made it."""
+    layers, means, _ = at_w
+    if not layers:
+        return
+    with torch.no_grad():
+        for i in range(means[0].shape[0]):
+            for record in (at_w, at_moved):
+                for layer, mean, variance in zip(*(record or ([], [], []))):
+                    _update_running_stats(layer, mean[i], variance[i])
+
+
+def _update_running_stats(layer: nn.Module, mean: Tensor, variance: Tensor) -> None:
+    """One BatchNorm update of ``layer``, as its ``forward`` does in training mode (the kernel mixes in double)."""
+    layer.num_batches_tracked.add_(1)
+    factor = 1.0 / float(layer.num_batches_tracked) if layer.momentum is None else layer.momentum
+    for running, batch in ((layer.running_mean, mean), (layer.running_var, variance)):
+        running.copy_(factor * batch.double() + (1 - factor) * running.double())
 
 
 def _per_chunk_sq(g: Tensor, scale: Tensor | None) -> Tensor:
@@ -487,20 +536,21 @@ def _perturbed_losses(plan, chunks, steps, weights, pass_context) -> tuple[Tenso
             for name, p, d in zip(plan.names, plan.params, directions)
             if d is not None
         }
-        losses = _chunk_losses(plan, moved, chunks)
+        losses, at_moved = _chunk_losses(plan, moved, chunks)
         total = (losses * weights.to(losses)).sum()
-    return total, losses.detach()
+    return total, losses.detach(), at_moved
 
 
 @contextmanager
 def _batch_statistics_only(module: nn.Module):
     """BatchNorm in training mode normalizes by the batch (here: each chunk's) statistics and leaves its running
-    statistics and counter untouched while ``track_running_stats`` is off; put the flag back afterwards."""
+    statistics and counter untouched while ``track_running_stats`` is off (no in-place buffer update, which vmap
+    refuses); put the flag back afterwards. Yields the layers: those whose updates may need a replay."""
     layers = [layer for layer in module.modules() if _tracks_stats(layer)]
     for layer in layers:
         layer.track_running_stats = False
     try:
-        yield
+        yield layers
     finally:
         for layer in layers:
             layer.track_running_stats = True
