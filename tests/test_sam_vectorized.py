@@ -182,6 +182,28 @@ def test_a_parameter_the_loss_does_not_reach_is_left_alone():
     assert_same(loop, [p.grad for p in twin.net.parameters()], loop_stats, stats)
 
 
+class WithTemperature(nn.Module):
+    """A 0-dim parameter: its per-chunk gradients are one number per chunk."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = mlp()
+        self.temperature = nn.Parameter(torch.tensor(1.5))
+
+    def forward(self, x):
+        return self.net(x) / self.temperature
+
+
+@pytest.mark.parametrize("geometry", [StandardGeometry(), AdaptiveGeometry(0.01)], ids=["standard", "adaptive"])
+def test_a_scalar_parameter_equals_the_loop(geometry):
+    x, y = classification_data(n=16)
+    model = WithTemperature()
+    twin = copy.deepcopy(model)
+    loop, loop_stats = loop_result(model, (x, y), 4, 0.05, geometry, True)
+    vectorized, stats = vectorized_result(twin, (x, y), 4, 0.05, geometry, True)
+    assert_same(loop, vectorized, loop_stats, stats)
+
+
 def test_batch_of_dicts_with_shared_values():
     x, y = classification_data(n=12)
     model = mlp()

@@ -513,7 +513,10 @@ def _update_running_stats(layer: nn.Module, mean: Tensor, variance: Tensor) -> N
 def _per_chunk_sq(g: Tensor, scale: Tensor | None) -> Tensor:
     """``||T g_i||^2`` per chunk, in fp32 like :meth:`Geometry.dual_sq_norm` (one reduction kernel per tensor)."""
     tg = g if scale is None else g * scale
-    return torch.linalg.vector_norm(tg.flatten(1), dim=1, dtype=torch.float32).square()
+    if tg.ndim == 1:  # a 0-dim parameter: one number per chunk (an empty ``dim`` would reduce over the chunks)
+        return tg.float().square()
+    dims = tuple(range(1, tg.ndim))  # not flatten(1): autograd's per-chunk gradients may not be contiguous
+    return torch.linalg.vector_norm(tg, dim=dims, dtype=torch.float32).square()
 
 
 def _ascent_steps(plan, g, norms, rho, normalize, eps, grad_divisor) -> tuple[list[Tensor], Tensor]:
