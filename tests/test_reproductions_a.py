@@ -85,10 +85,11 @@ def test_adam_vs_sgd_label_noise_quick(tmp_path, monkeypatch):
 
 def test_erm_then_sam_quick(tmp_path, monkeypatch):
     text, rows = run_quick("erm_then_sam", tmp_path, monkeypatch)
-    assert [row[0] for row in rows] == ["ERM throughout", "ERM → SAM at 50%", "SAM throughout"]
-    assert [row[1] for row in rows] == ["0", "1", "2"]  # SAM epochs of 2
-    assert_finite([[c for c in row if c != "n/a"] for row in rows])
-    assert rows[0][7] == "1.00×"
+    trainings = ["ERM throughout", "ERM → SAM at 50%", "SAM throughout"]
+    assert [row[:2] for row in rows] == [[s, t] for s in ("cosine", "constant") for t in trainings]
+    assert [row[2] for row in rows] == ["0", "1", "2"] * 2  # SAM epochs of 2
+    assert_finite([[c for c in row if c != "n/a"] for row in rows], skip_columns=2)
+    assert [row[8] for row in rows][::3] == ["1.00×", "1.00×"]  # each schedule's ERM is its own reference
 
 
 @pytest.mark.parametrize(
@@ -126,5 +127,6 @@ def test_piecewise_schedule_of_the_paper_code():
     factors = [erm_then_sam.piecewise_factor(step, 100) for step in (0, 49, 50, 74, 75, 99)]
     assert factors == [1.0, 1.0, 0.1, 0.1, 0.01, 0.01]
     assert isinstance(erm_then_sam.make_classifier("piecewise", 0.05), erm_then_sam.PiecewiseDigitsClassifier)
+    assert isinstance(erm_then_sam.make_classifier("constant", 0.05), erm_then_sam.ConstantDigitsClassifier)
     with pytest.raises(ValueError, match="`schedule` must be"):
         erm_then_sam.make_classifier("linear", 0.05)
