@@ -169,7 +169,7 @@ def vectorized_msam_gradient(
             processed in slices that fit. Activations of a slice are those of at most one batch, as in a plain
             step (the vmapped kernels add some working memory of their own).
         min_chunks: below this many chunks the loop is as fast (measured on CPU: the digits CNN, 4 chunks
-            take the loop's time, 8 chunks 0.77 of it, 64 chunks 0.38): return ``None``, silently.
+            take the loop's time, 8 chunks 0.77 of it, 64 chunks a third): return ``None``, silently.
         pass_context: entered around every vectorized pass, and must undo what the loss does to the module
             (:func:`~lightning_sharpness._lightning.quiet`: logging muted, metrics put back). Unlike the loop,
             which mutes the passes at ``w + e`` only, the passes at ``w`` are inside ``vmap`` too.
