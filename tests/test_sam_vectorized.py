@@ -649,3 +649,38 @@ def test_running_statistics_are_replayed_as_the_loop_updates_them(bn_update, fir
     assert int(model[1].num_batches_tracked) == updates
     for name in ("running_mean", "running_var"):
         torch.testing.assert_close(getattr(model[1], name), getattr(loop_model[1], name), rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("vectorize", [True, False])
+def test_the_sam_callback_vectorizes_m_sam_from_eight_chunks_and_equals_the_reference(vectorize, monkeypatch):
+    """The engine's own wiring: ``SAM(m=2)`` on batches of 16 (8 chunks, BatchNorm CNN) takes the vectorized
+    passes at every step, ``vectorize=False`` never does, and both equal the plain-PyTorch reference."""
+    import lightning_sharpness.sam.engine as engine_module
+
+    taken = []
+
+    def counting(*args, **kwargs):
+        stats = vectorized_sam_step(*args, **kwargs)
+        taken.append(stats is not None)
+        return stats
+
+    monkeypatch.setattr(engine_module, "vectorized_sam_step", counting)
+    x, y = classification_data(image=True)
+    net = cnn_bn()
+    reference_net = clone(net)
+    trainer(max_steps=3, callbacks=[SAM(rho=0.05, m=2, vectorize=vectorize)]).fit(LoggingClassifier(net), loader(x, y))
+    optimizer = torch.optim.SGD(reference_net.parameters(), lr=0.1, momentum=0.9)
+    for i in range(3):
+        batch = slice(i * 16, (i + 1) * 16)
+        reference.sam_step(reference_net, optimizer, x[batch], y[batch], rho=0.05, m=2)
+    assert taken == ([True] * 3 if vectorize else [])
+    assert_same_weights(net, reference_net)
+
+
+def test_a_sam_family_variant_keeps_the_loop():
+    """A variant's rules (here GSAM's combination) act per chunk in the loop: the vectorized passes are not taken."""
+    from lightning_sharpness.sam.engine import SAMEngine
+    from lightning_sharpness.sam.variants import SurrogateGap
+
+    engine = SAMEngine(rho=0.05, m=1, variant=SurrogateGap(0.1))
+    assert engine.vectorize and type(engine.variant) is not type(SAMEngine().variant)

@@ -22,6 +22,7 @@ from lightning_sharpness.geometry import Geometry, resolve_geometry
 from lightning_sharpness.sam.rng import RNGState
 from lightning_sharpness.sam.schedules import RhoSchedule
 from lightning_sharpness.sam.variants import SAMVariant
+from lightning_sharpness.sam.vectorized import vectorized_sam_step
 from lightning_sharpness.selection import ParameterFilter, select_parameters, validate_filter
 from lightning_sharpness.validation import check_choice, check_flag, check_int, check_number, check_rho
 
@@ -68,6 +69,11 @@ class SAMEngine:
         variant: a :class:`~lightning_sharpness.sam.variants.SAMVariant`, the points where a method of the SAM
             family departs from SAM (its ascent direction, how the two gradients combine, whether a step runs
             the second pass, a correction after the optimizer's step); ``None`` is SAM.
+        vectorize: with ``m``, compute the per-chunk passes with ``torch.func.vmap``
+            (:mod:`lightning_sharpness.sam.vectorized`: two vectorized passes instead of two per chunk, equal to
+            the loop to float rounding) from 8 chunks on; what cannot be vmapped (dropout, ``.item()``,
+            data-dependent control flow, DDP/FSDP, a non-element-wise geometry, a SAM-family variant) keeps the
+            loop, with one warning naming the reason. ``False``: always the loop.
 
     Raises:
         ValueError: an argument out of its range, naming it; ``normalize=False`` with a geometry that has no
@@ -91,6 +97,7 @@ class SAMEngine:
         eps: float = 1e-12,
         same_dropout: bool = False,
         variant: SAMVariant | None = None,
+        vectorize: bool = True,
     ) -> None:
         if variant is not None and not isinstance(variant, SAMVariant):
             raise ValueError(f"`variant` must be a `SAMVariant` or None, got {type(variant).__name__}.")
@@ -125,6 +132,8 @@ class SAMEngine:
         self.eps = float(eps)
         self.same_dropout = same_dropout
         self.variant = variant if variant is not None else SAMVariant()
+        self.vectorize = check_flag(vectorize, "vectorize")
+        self._module: nn.Module | None = None  # the module followed: vectorized m-SAM calls it functionally
         self._params: list[nn.Parameter] = []
         self._trainable: list[nn.Parameter] = []
         self._norm_layers: list[nn.Module] = []
@@ -147,6 +156,7 @@ class SAMEngine:
         the module: the callback, where Lightning's backward reaches all of them) or ``"optimizer"`` (its own
         parameters only: the mixin, where each optimizer's step must leave the others' gradients alone).
         """
+        self._module = module
         follow_optimizer = getattr(self.rho, "follow_optimizer", None)
         if follow_optimizer is not None:  # a radius that reads the optimizer (GSAM's follows its learning rate)
             follow_optimizer(optimizer)
@@ -286,6 +296,22 @@ def accumulate_sam_gradient(
     ``perturbed_pass_context`` wraps each pass at ``w + e`` (the mixin mutes the module's logging there);
     ``first_pass_rng`` is the random state the caller's own pass at ``w`` started from (``same_dropout``).
     """
+    if engine.vectorize and engine._module is not None and type(engine.variant) is SAMVariant:
+        # m-SAM's per-chunk passes as two vmapped passes; None (nothing touched) where the loop must run.
+        vectorized = vectorized_sam_step(
+            engine,
+            engine._module,
+            batch,
+            loss_of,
+            backward,
+            rho,
+            grad_divisor,
+            stash,
+            first_grad_ready,
+            pass_context=perturbed_pass_context,
+        )
+        if vectorized is not None:
+            return vectorized
     chunks = engine.chunks(batch)
     stats = SAMStepStats(rho=rho)
     variant = engine.variant
