@@ -2,7 +2,8 @@
 ICML 2022): on the digits CNN of the main job (20% training label noise), switch from ERM to SAM at 50%, 75%
 and 90% of training (``SAM(start_epoch=...)``), against SAM throughout (a switch at 0%) and ERM throughout. How
 much of SAM's test-accuracy gain does a late switch recover, and what does it save in wall time? (SAM costs a
-second forward-backward pass per step; a switch at 90% pays it for the last 10% of the steps only.)
+second forward-backward pass per step; a switch at 90% pays it for the last 10% of the steps only.) Both under
+the main job's cosine learning rate, which leaves a late switch little step size, and at a constant one.
 
 python examples/erm_then_sam.py            # the full run (minutes), writes docs/results/erm_then_sam.md
 python examples/erm_then_sam.py --quick    # seconds, writes docs/results/erm_then_sam.quick.md
