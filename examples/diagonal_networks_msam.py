@@ -266,7 +266,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--usam-rho", type=float, default=0.1, help="initial radius of USAM (unnormalized)")
     parser.add_argument("--sweep", type=float, nargs="*", default=[0.1, 0.2, 0.4, 0.6], help="rho sweep (SAM)")
     parser.add_argument("--threshold", type=float, default=0.01, help="|u*v| above this counts as nonzero")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     parser.add_argument("--log-dir", default="lightning_logs/diagonal_networks_msam")
     parser.add_argument("--quick", action="store_true", help="tiny sizes, seconds (for the tests)")
     args = parser.parse_args(argv)
