@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 import platform
+import re
 import sys
 import time
 from collections.abc import Sequence
@@ -73,9 +74,43 @@ def report(
     return text
 
 
+README = RESULTS_DIR.parent.parent / "README.md"
+_BLOCK = re.compile(r"(<!-- results/(?P<name>[\w.-]+\.md) -->\n)(?P<body>.*?)(<!-- end results/(?P=name) -->)", re.S)
+
+
+def splice_readme(readme: Path = README) -> list[str]:
+    """Copy every ``docs/results/<name>.md`` into README.md between ``<!-- results/<name>.md -->`` and
+    ``<!-- end results/<name>.md -->``, so the README shows exactly what the scripts wrote; returns the names.
+
+    Raises:
+        FileNotFoundError: a marker names a results file that no script has written.
+    """
+    names: list[str] = []
+
+    def fill(match: re.Match) -> str:
+        names.append(match["name"])
+        body = (RESULTS_DIR / match["name"]).read_text().rstrip("\n") + "\n"
+        return match.group(1) + body + match.group(4)
+
+    text = _BLOCK.sub(fill, readme.read_text())
+    readme.write_text(text)
+    return names
+
+
+def readme_blocks(readme: Path = README) -> dict[str, str]:
+    """The results blocks README.md holds now, by file name (what :func:`splice_readme` wrote)."""
+    return {m["name"]: m["body"] for m in _BLOCK.finditer(readme.read_text())}
+
+
 def _machine() -> str:
     import os
 
     import torch
 
-    return f"{os.cpu_count()} CPU cores ({platform.machine()}), torch {torch.__version__}, {torch.get_num_threads()} threads"
+    threads = torch.get_num_threads()
+    return f"{os.cpu_count()} CPU cores ({platform.machine()}), torch {torch.__version__}, {threads} threads"
+
+
+if __name__ == "__main__":
+    # python examples/results.py: refresh README.md's results blocks from docs/results/ after a full run.
+    print("README.md now shows:", ", ".join(splice_readme()))
