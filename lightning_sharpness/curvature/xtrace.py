@@ -28,7 +28,7 @@ import torch
 from torch import Tensor
 
 from lightning_sharpness.curvature.protocol import LinearOperator
-from lightning_sharpness.curvature.trace import TraceEstimate, _block, _check_budget, _products
+from lightning_sharpness.curvature.trace import TraceEstimate, _block, _check_budget, _products, _products_into
 
 __all__ = ["xtrace"]
 
@@ -115,7 +115,7 @@ def xtrace(op: LinearOperator, matvecs: int = 50, generator: torch.Generator | N
     for start in range(0, s, block):
         rows = slice(start, min(s, start + block))
         probes[rows] = _gaussian_rows(rows.stop - start, n, generator, op.dtype, op.device)
-        Y[rows] = _products(op, probes[rows])
+        _products_into(op, probes[rows], Y[rows])
     # |w_i|^2 in the working dtype (BLAS dot products): a float64 copy of the probes took longer than the QR
     norms2 = torch.linalg.vecdot(probes.to(work), probes.to(work)).double().cpu()
     Q, R = torch.linalg.qr(Y.T)  # Y.T is (n, s) column-major: no copy
@@ -125,11 +125,12 @@ def xtrace(op: LinearOperator, matvecs: int = 50, generator: torch.Generator | N
     W = (QT @ probes.to(work).T).double().cpu()
     del probes
     H = torch.empty(s, s, dtype=torch.float64)
+    Z = torch.empty(min(block, s), n, dtype=work, device=op.device)  # rows of (A Q)^T, one buffer for all blocks
     for start in range(0, s, block):
-        Z = _products(op, QT[start : start + block].to(op.dtype))  # rows of (A Q)^T
-        H[start : start + Z.shape[0]] = (Z.to(work) @ QT.T).double().cpu()
-        del Z
-    del QT
+        rows = QT[start : start + block]
+        _products_into(op, rows.to(op.dtype), Z[: rows.shape[0]])
+        H[start : start + rows.shape[0]] = (Z[: rows.shape[0]] @ QT.T).double().cpu()
+    del QT, Z
     H = (H + H.T) / 2  # symmetric up to the products' rounding
     R = R.double().cpu()
     sigma = torch.linalg.svdvals(R)
