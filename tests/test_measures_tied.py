@@ -156,7 +156,9 @@ def test_issue_example_tied_trace():
     model, _, batch = case("attribute")
     truth = double_backward_hessian(model, ce, batch).trace().item()
     op = HessianOperator(model, ce, batch)
-    assert float(M.hessian_trace(model, ce, batch, matvecs=3 * op.dim)) == pytest.approx(truth, rel=1e-9)
+    assert float(M.hessian_trace(model, ce, batch, matvecs=3 * op.dim, method="hutch++")) == pytest.approx(
+        truth, rel=1e-9
+    )
 
 
 # ---------------------------------------------------------------------------------------------- every measure
@@ -171,7 +173,9 @@ def test_every_hessian_measure_agrees_with_the_dense_hessian(kind):
     bottom = M.hessian_eigenvalues(model, ce, batch, k=1, which="smallest", tol=1e-10)
     assert float(bottom) == pytest.approx(eigs[0].item(), rel=1e-6, abs=1e-9)
     # Hutch++ with a sketch as wide as the space is exact
-    assert float(M.hessian_trace(model, ce, batch, matvecs=3 * dim)) == pytest.approx(H.trace().item(), rel=1e-9)
+    assert float(M.hessian_trace(model, ce, batch, matvecs=3 * dim, method="hutch++")) == pytest.approx(
+        H.trace().item(), rel=1e-9
+    )
     diag = M.hessian_diagonal(model, ce, batch, exact=True)
     flat = torch.cat([diag.diagonal[n].reshape(-1) for n, _ in model.named_parameters()])
     assert torch.allclose(flat, H.diagonal(), rtol=1e-9, atol=1e-13)
@@ -262,7 +266,7 @@ def test_a_tied_parameter_is_one_parameter_selectable_by_any_of_its_names():
     batch = vector_data()
     H = double_backward_hessian(model, ce, batch)
     block = H[:16, :16]
-    t = M.hessian_trace(model, ce, batch, params=["b.weight"], matvecs=60)
+    t = M.hessian_trace(model, ce, batch, params=["b.weight"], matvecs=60, method="hutch++")
     assert float(t) == pytest.approx(block.trace().item(), rel=1e-9)
     with pytest.raises(ValueError, match="unknown or frozen"):
         select_named_parameters(model, ["b.nothing"])

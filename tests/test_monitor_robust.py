@@ -159,8 +159,9 @@ def test_the_budget_applies_to_the_default_schedule_or_when_asked_for():
     [
         ({"name": "worst_case_sharpness", "rho": -1}, r"'worst_case_sharpness'.*`rho` must be a finite number >= 0"),
         ({"name": "average_case_sharpness", "rho": float("nan")}, r"`rho` must be a finite number >= 0"),
-        ({"name": "hessian_trace", "matvecs": 0}, r"'hessian_trace'.*`matvecs` must be an int >= 6, got 0"),
-        ({"name": "hessian_trace", "method": "hutchinson", "matvecs": 1}, r"`matvecs` must be an int >= 2, got 1"),
+        ({"name": "hessian_trace", "matvecs": 0}, r"'hessian_trace'.*`matvecs` must be an int >= 2, got 0"),
+        ({"name": "hessian_trace", "method": "hutch++", "matvecs": 5}, r"`matvecs` must be an int >= 6, got 5"),
+        ({"name": "hessian_trace", "method": "xtrace", "matvecs": 3}, r"`matvecs` must be an int >= 4, got 3"),
         ({"name": "hessian_diagonal", "matvecs": 0}, r"`matvecs` must be an int >= 2, got 0"),
         ({"name": "hessian_eigenvalues", "k": 0}, r"'hessian_eigenvalues'.*`k` must be an int >= 1, got 0"),
         ({"name": "hessian_eigenvalues", "k": 3, "max_iter": 2}, r"`max_iter` must be an int >= 3, got 2"),
@@ -179,7 +180,10 @@ def test_the_monitor_uses_the_measures_own_validators():
     from lightning_sharpness.measures import registry
 
     # the monitor rejects what the measure itself rejects, with the measure's own message
-    for name, options in [("hessian_trace", {"matvecs": 5}), ("worst_case_sharpness", {"rho": -1.0})]:
+    for name, options in [
+        ("hessian_trace", {"matvecs": 5, "method": "hutch++"}),
+        ("worst_case_sharpness", {"rho": -1.0}),
+    ]:
         with pytest.raises(ValueError) as by_record:
             registry.record(name).validate(options)
         with pytest.raises(ValueError) as by_monitor:
@@ -187,7 +191,7 @@ def test_the_monitor_uses_the_measures_own_validators():
         assert str(by_record.value) in str(by_monitor.value)
     net = Net()
     with pytest.raises(ValueError, match="`matvecs` must be an int >= 6, got 5"):
-        measures.hessian_trace(net, ce, next(iter(loader())), matvecs=5)
+        measures.hessian_trace(net, ce, next(iter(loader())), matvecs=5, method="hutch++")
 
 
 def test_val_probe_without_a_validation_loader_fails_at_fit_start_naming_the_option():

@@ -11,7 +11,7 @@ the global RNG states; randomness comes from a local generator seeded by ``seed`
 
 ==========================  ===================================================================================
 ``hessian_eigenvalues``     top / bottom ``k`` eigenvalues (Lanczos, full reorthogonalization)
-``hessian_trace``           ``tr(H)``: Hutch++ (default) or Hutchinson
+``hessian_trace``           ``tr(H)``: Hutchinson (default), Hutch++ or XTrace
 ``hessian_diagonal``        ``diag(H)``: Hutchinson or exact
 ``diag_sqrt_trace``         ``tr(diag(H)^1/2)``, the sharpness Adam reduces (beside ``tr(H)``, SGD's)
 ``spectral_density``        eigenvalue density by stochastic Lanczos quadrature

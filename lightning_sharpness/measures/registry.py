@@ -22,11 +22,13 @@ Example::
 
     >>> from lightning_sharpness import measures
     >>> rec = record("hessian_trace")
-    >>> rec.mean_over_examples(rec.with_defaults({"method": "hutchinson"}))
+    >>> rec.mean_over_examples(rec.with_defaults({}))  # Hutchinson, the default, is linear in H
     True
-    >>> rec.products(rec.with_defaults({}))
+    >>> rec.mean_over_examples(rec.with_defaults({"method": "hutch++"}))
+    False
+    >>> rec.products(rec.with_defaults({"method": "hutch++"}))
     Products(option='matvecs', per_unit=1, least=6)
-    >>> rec.validate({"matvecs": 3})
+    >>> rec.validate({"matvecs": 3, "method": "hutch++"})
     Traceback (most recent call last):
     ...
     ValueError: `matvecs` must be an int >= 6, got 3.

@@ -30,6 +30,7 @@ from lightning_sharpness.curvature.lanczos import lanczos_eigs
 from lightning_sharpness.curvature.operator import HessianOperator, ParamSelection
 from lightning_sharpness.curvature.probes import make_generator
 from lightning_sharpness.curvature.trace import hutchinson, hutchpp
+from lightning_sharpness.curvature.xtrace import xtrace
 from lightning_sharpness.measures.base import (
     Backend,
     DensityResult,
@@ -67,8 +68,15 @@ def lanczos_products(options: Mapping[str, Any], dim: int | None = None) -> int:
 
 
 def _trace_least(options: Mapping[str, Any]) -> int:
-    """Hutch++ needs a third of its budget for each of its three parts."""
-    return 6 if options.get("method") == "hutch++" else 2
+    """Hutch++ needs a third of its budget for each of its three parts, XTrace two probes of two products each."""
+    return {"hutch++": 6, "xtrace": 4}.get(options.get("method"), 2)
+
+
+#: The trace estimators by name. Hutchinson is the default: on the benchmark's 200k MLP and 1M ResNet-like CNN
+#: (flat, indefinite spectra) it needs the fewest products for a given error (products x RMS^2: 0.20 and 233,
+#: against 0.52 and 620 for Hutch++ and 0.41 and 337 for XTrace), the least memory (one block of probes) and is
+#: linear in H, so DDP can split it; Hutch++ wins on the 4k CNN (0.17 against 0.36). See docs/measures.md.
+_TRACE_METHODS = {"hutchinson": hutchinson, "hutch++": hutchpp, "xtrace": xtrace}
 
 
 def _frobenius(options: Mapping[str, Any]) -> bool:
@@ -151,7 +159,7 @@ def hessian_eigenvalues(
 
 
 @register(
-    mean_over_examples=lambda o: o["method"] == "hutchinson",  # Hutch++ projects on a sketch: not linear in H
+    mean_over_examples=lambda o: o["method"] == "hutchinson",  # Hutch++, XTrace project on a sketch: not linear
     products=lambda o: Products("matvecs", 1, _trace_least(o)),
     sizes=lambda o, dim: [("matvecs", o["matvecs"], _trace_least(o))],
     cost=lambda o, dim: {"build": 1, "hvp": o["matvecs"]},
@@ -161,17 +169,20 @@ def hessian_trace(
     model: nn.Module,
     loss_fn: LossFn,
     batches: Any,
-    matvecs: int = 99,
-    method: Literal["hutch++", "hutchinson"] = "hutch++",
+    matvecs: int = 100,
+    method: Literal["hutchinson", "hutch++", "xtrace"] = "hutchinson",
     params: ParamSelection = None,
     seed: int = 0,
     backend: Backend = "auto",
 ) -> Estimate:
-    """``tr(H)`` by Hutch++ (default: lower variance for the decaying spectra of networks) or Hutchinson.
+    """``tr(H)`` by Hutchinson (default), Hutch++ or XTrace (Epperly, Tropp & Webber, 2024).
+
+    Hutchinson needs the fewest products for a given error on networks whose spectrum is not dominated by a few
+    eigenvalues (measured: ``benchmarks/measures.py``); Hutch++ and XTrace win when a few eigenvalues dominate.
 
     Example::
 
-        t = hessian_trace(model, loss_fn, loader, matvecs=99)
+        t = hessian_trace(model, loss_fn, loader, matvecs=100)
         float(t), t.stderr
 
     Raises:
@@ -179,10 +190,10 @@ def hessian_trace(
             outside the contract.
         NonFiniteLossError: when the loss is NaN or infinite, naming the measure and the batch.
     """
-    check_choice(method, "method", ("hutch++", "hutchinson"))
+    check_choice(method, "method", tuple(_TRACE_METHODS))
     with measuring(model):
         op = HessianOperator(model, loss_fn, batches, params=params, backend=backend)
-        est = (hutchpp if method == "hutch++" else hutchinson)(op, matvecs, make_generator(seed))
+        est = _TRACE_METHODS[method](op, matvecs, make_generator(seed))
     return Estimate(est.value, est.stderr, est.matvecs, {"method": method})
 
 

@@ -6,7 +6,7 @@ Example::
 
     >>> [m.tag for m in parse_measures(["hessian_trace", {"name": "hessian_trace", "tag": "t2"}], seed=0)]
     ['hessian_trace', 't2']
-    >>> parse_measures([{"name": "hessian_trace", "matvecs": 3}], seed=0)
+    >>> parse_measures([{"name": "hessian_trace", "method": "hutch++", "matvecs": 3}], seed=0)
     Traceback (most recent call last):
     ...
     ValueError: Measure 'hessian_trace': `matvecs` must be an int >= 6, got 3.
