@@ -106,7 +106,9 @@ class RSAM(SAM):
         regularized = loss + self.gamma * renyi.to(loss.dtype)
         return {**output, "loss": regularized} if isinstance(output, dict) else regularized
 
-    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
         if self._micro_count == 0:
             self._renyi = None
         super().on_train_batch_start(trainer, pl_module, batch, batch_idx)

@@ -139,7 +139,9 @@ class _ExtraLoss(Callback):
     def _term(self, trainer, pl_module, output, logits, batch) -> Tensor | None:  # pragma: no cover - abstract
         raise NotImplementedError
 
-    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
         self._kl = None  # the first pass of the batch is Lightning's own; SAM's perturbed pass comes after
 
     def _log(self, trainer: pl.Trainer, pl_module: pl.LightningModule, metrics: dict[str, Any]) -> None:
@@ -233,7 +235,9 @@ class SAF(_ExtraLoss):
         targets = self.outputs[slot, rows].to(logits.device)
         return torch.where(valid, trajectory_kl(logits, targets, self.tau), torch.zeros((), device=logits.device))
 
-    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
         super().on_train_batch_start(trainer, pl_module, batch, batch_idx)
         self._seen = None
 

@@ -54,7 +54,11 @@ def top_fraction_mask(scores: Sequence[Tensor], sparsity: float) -> list[Tensor]
 
 
 def fisher_mask(
-    loss_of: Callable[[Any], Tensor], params: Sequence[Tensor], examples: Any, sparsity: float, chunk: int = 1,
+    loss_of: Callable[[Any], Tensor],
+    params: Sequence[Tensor],
+    examples: Any,
+    sparsity: float,
+    chunk: int = 1,
     reduce: Callable[[Tensor], Tensor] | None = None,
 ) -> list[Tensor]:
     """SSAM-F's mask: the empirical Fisher diagonal ``sum_c (d loss_of(c) / d w)^2`` over the chunks of ``chunk``
@@ -71,7 +75,9 @@ def fisher_mask(
     return top_fraction_mask(fisher, sparsity)
 
 
-def drop_grow_mask(masks: Sequence[Tensor], grads: Sequence[Tensor], drop_rate: float, generator: torch.Generator) -> list[Tensor]:
+def drop_grow_mask(
+    masks: Sequence[Tensor], grads: Sequence[Tensor], drop_rate: float, generator: torch.Generator
+) -> list[Tensor]:
     """SSAM-D's update: drop ``round(drop_rate * active)`` perturbed elements with the smallest ``|g|`` and grow as
     many among the elements that were not perturbed, uniformly at random (``torch.randperm`` of ``generator``)."""
     mask = torch.cat([m.reshape(-1) for m in masks]).clone()
@@ -108,9 +114,7 @@ def _unflatten(flat: Tensor, like: Sequence[Tensor]) -> list[Tensor]:
 class _SparseSAM(SAM):
     """SAM in a :class:`MaskedGeometry` whose mask a subclass refreshes every ``update_freq`` optimizer steps."""
 
-    def __init__(
-        self, rho: RhoLike, sparsity: float, update_freq: int, base: Geometry | None, **kwargs: Any
-    ) -> None:
+    def __init__(self, rho: RhoLike, sparsity: float, update_freq: int, base: Geometry | None, **kwargs: Any) -> None:
         if "geometry" in kwargs:
             raise ValueError(
                 f"{type(self).__name__} perturbs in a masked geometry; pass its element-wise scale as `base=` "
@@ -118,7 +122,9 @@ class _SparseSAM(SAM):
             )
         self.sparsity = check_number(sparsity, "sparsity", minimum=0)
         if not self.sparsity < 1:
-            raise ValueError(f"`sparsity` must be in [0, 1) (the fraction of weights left unperturbed), got {sparsity!r}.")
+            raise ValueError(
+                f"`sparsity` must be in [0, 1) (the fraction of weights left unperturbed), got {sparsity!r}."
+            )
         self.update_freq = check_int(update_freq, "update_freq")
         self.masked = MaskedGeometry(base)
         super().__init__(rho=rho, geometry=self.masked, **kwargs)
@@ -289,7 +295,9 @@ class SSAMD(_SparseSAM):
         super().on_train_batch_start(trainer, pl_module, batch, batch_idx)
         # The drop/grow reads the gradient the ascent uses: in global mode that is the whole step's, complete only
         # after the step's last micro-batch, so later updates wait for it; the first mask needs no gradient.
-        update_at = self._stepping if self.engine.mode == "global" and self._mask_step is not None else first_micro_batch
+        update_at = (
+            self._stepping if self.engine.mode == "global" and self._mask_step is not None else first_micro_batch
+        )
         self._update_now = update_at and self._refresh_due(trainer)
         if self._update_now and self._mask_step is None:  # the first mask: random, no gradient needed
             names, params = self._named_params(pl_module)
@@ -324,4 +332,3 @@ class SSAMD(_SparseSAM):
         super().load_state_dict(state_dict)
         if "generator" in state_dict:
             self.generator.set_state(state_dict["generator"])
-
