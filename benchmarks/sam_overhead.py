@@ -36,9 +36,21 @@ from peak_memory import PeakMemory
 from torch import nn
 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 
-from lightning_sharpness import SAM
-from lightning_sharpness.sam.bsam import BSAM, BSAMOptimizer
-from lightning_sharpness.sam.family import GSAM, WSAM, FriendlySAM, LookSAM
+from lightning_sharpness import (
+    BSAM,
+    GSAM,
+    MESA,
+    RSAM,
+    SAM,
+    SSAMD,
+    SSAMF,
+    WSAM,
+    BSAMOptimizer,
+    FriendlySAM,
+    LayerwiseAdaptiveGeometry,
+    LinfAdaptiveGeometry,
+    LookSAM,
+)
 
 
 def cnn(seed: int = 0) -> nn.Module:
@@ -95,6 +107,9 @@ class Module(pl.LightningModule):
         super().__init__()
         self.net = cnn()
 
+    def forward(self, x):
+        return self.net(x)
+
     def training_step(self, batch, batch_idx):
         x, y = batch
         return F.cross_entropy(self.net(x), y)
@@ -108,6 +123,15 @@ class BSAMModule(Module):
         return BSAMOptimizer(self.parameters(), num_data=50_000, lr=0.01)
 
 
+class LogitsModule(Module):
+    """MESA's contract: ``training_step`` returns the loss and the logits it came from."""
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        logits = self.net(x)
+        return {"loss": F.cross_entropy(logits, y), "logits": logits}
+
+
 def lightning_run(batch, steps: int, warmup: int, callbacks: list, **trainer_kwargs) -> list[float]:
     timer = StepTimer(warmup)
     trainer_kwargs.setdefault("devices", 1)
@@ -115,7 +139,12 @@ def lightning_run(batch, steps: int, warmup: int, callbacks: list, **trainer_kwa
         accelerator="cpu", max_steps=steps + warmup, logger=False, enable_checkpointing=False,
         enable_progress_bar=False, enable_model_summary=False, callbacks=[*callbacks, timer], **trainer_kwargs,
     )  # fmt: skip
-    module = BSAMModule() if any(isinstance(c, BSAM) for c in callbacks) else Module()
+    if any(isinstance(c, BSAM) for c in callbacks):
+        module = BSAMModule()
+    elif any(isinstance(c, MESA) for c in callbacks):
+        module = LogitsModule()
+    else:
+        module = Module()
     trainer.fit(module, RepeatedBatch(batch, steps + warmup))
     return timer.times
 
@@ -287,7 +316,8 @@ def precision_section(batch, args) -> dict[str, float]:
 
 
 def family_section(batch, args) -> dict[str, float]:
-    """pytorch-optimizer's SAM family on our engine, fp32: step time / plain and / SAM, extra peak memory."""
+    """The SAM family on our engine, fp32: step time / plain and / SAM, extra peak memory (SAF: its own benchmark,
+    benchmarks/saf_overhead.py, since it needs indexed data)."""
     family = {
         "plain": lambda: [],
         "SAM": lambda: [SAM(rho=0.05)],
@@ -296,6 +326,16 @@ def family_section(batch, args) -> dict[str, float]:
         "FriendlySAM": lambda: [FriendlySAM(rho=0.05)],
         "LookSAM k=10": lambda: [LookSAM(rho=0.05, k=10)],
         "BSAM": lambda: [BSAM()],
+        "SSAM-F (update every 100)": lambda: [SSAMF(rho=0.05, sparsity=0.5, num_samples=16, update_freq=100)],
+        "SSAM-D (update every 100)": lambda: [SSAMD(rho=0.05, sparsity=0.5, update_freq=100)],
+        "layer-wise ASAM": lambda: [SAM(rho=0.5, geometry=LayerwiseAdaptiveGeometry())],
+        "l-inf ASAM": lambda: [SAM(rho=0.05, geometry=LinfAdaptiveGeometry())],
+        "RSAM": lambda: [RSAM(rho=0.05)],
+        "MESA": lambda: [MESA()],
+        "SAM m=16, loop": lambda: [SAM(rho=0.05, m=16, vectorize=False)],
+        "SAM m=16, vectorized": lambda: [SAM(rho=0.05, m=16)],
+        "SAM m=4, loop": lambda: [SAM(rho=0.05, m=4, vectorize=False)],
+        "SAM m=4, vectorized": lambda: [SAM(rho=0.05, m=4)],
     }
     peaks = {name: peak_bytes(lambda make=make: lightning_run(batch, 3, 0, make())) for name, make in family.items()}
     times: dict[str, list[float]] = {name: [] for name in family}

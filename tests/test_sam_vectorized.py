@@ -677,10 +677,23 @@ def test_the_sam_callback_vectorizes_m_sam_from_eight_chunks_and_equals_the_refe
     assert_same_weights(net, reference_net)
 
 
-def test_a_sam_family_variant_keeps_the_loop():
-    """A variant's rules (here GSAM's combination) act per chunk in the loop: the vectorized passes are not taken."""
-    from lightning_sharpness.sam.engine import SAMEngine
+def test_a_sam_family_variant_keeps_the_loop(monkeypatch):
+    """A variant's rules (here GSAM's combination) act per chunk in the loop: even with ``vectorize=True`` the
+    engine never hands the step to the vectorized passes."""
+    import lightning_sharpness.sam.engine as engine_module
     from lightning_sharpness.sam.variants import SurrogateGap
 
-    engine = SAMEngine(rho=0.05, m=1, variant=SurrogateGap(0.1))
-    assert engine.vectorize and type(engine.variant) is not type(SAMEngine().variant)
+    def refuse(*args, **kwargs):
+        raise AssertionError("a SAM-family variant reached the vectorized passes")
+
+    monkeypatch.setattr(engine_module, "vectorized_sam_step", refuse)
+    model = mlp()
+    x, y = classification_data(n=16)
+    engine = engine_module.SAMEngine(rho=0.05, m=1, variant=SurrogateGap(0.1), vectorize=True)
+    engine.follow(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    engine.variant.begin_step(0)
+    stash = engine.take_grads()
+    engine_module.accumulate_sam_gradient(
+        engine, (x, y), lambda b: cross_entropy(model, b), lambda loss: loss.backward(), 0.05, 1.0, stash, False
+    )
+    assert all(p.grad is not None for p in model.parameters())

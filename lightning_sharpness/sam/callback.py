@@ -79,8 +79,8 @@ class SAM(Callback):
             ``False`` (default, as in the original code) draws new ones.
         eps: added to ``||T g||`` before dividing.
         vectorize: with ``m``, run the per-chunk passes vectorized (``torch.func.vmap``, equal to the loop to
-            float rounding) where the module allows it, else the loop with one warning saying why; ``False``:
-            always the loop. See :class:`~lightning_sharpness.SAMEngine`.
+            float rounding) where the module allows it, else the loop with one warning saying why. Off by
+            default: faster on small models only (see :class:`~lightning_sharpness.SAMEngine`).
         log_diagnostics: log ``sam/rho``, ``sam/grad_norm``, ``sam/perturbed_loss``, ``sam/sharpness_gap``
             (``L(w + e) - L(w)``) and ``sam/skipped_steps`` on the steps the Trainer logs
             (``Trainer(log_every_n_steps=...)``, 50 by default: a run shorter than that logs nothing).
@@ -115,7 +115,7 @@ class SAM(Callback):
         log_diagnostics: bool = True,
         prog_bar: bool = False,
         variant: SAMVariant | None = None,
-        vectorize: bool = True,
+        vectorize: bool = False,
     ) -> None:
         check_int(start_step, "start_step", least=0)
         check_int(start_epoch, "start_epoch", least=0)
