@@ -558,7 +558,7 @@ def _trace_cell(item):
 def table(results: dict, quick: bool) -> str:
     load = os.getloadavg()[0]
     lines = [
-        f"# Measures benchmark: ours against PyHessian, curvlinops and hessian-eigenthings"
+        f"**Measures benchmark: ours against PyHessian, curvlinops and hessian-eigenthings**"
         f"{' (QUICK smoke run: 2 seeds, not figures)' if quick else ''}",
         "",
         f"`python benchmarks/measures.py{' --quick' if quick else ''}`; CPU float32, one thread per process, each "
