@@ -212,7 +212,7 @@ def train(method: str, rho: float | None, seed: int, args: argparse.Namespace, v
     train_batch = (data.x_train, data.y_train)
     with torch.no_grad():
         train_loss = float(mse(model, train_batch))
-    trace = float(measures.hessian_trace(model, mse, train_batch))
+    trace = float(measures.hessian_trace(model, mse, train_batch, method="hutch++"))
     beta = model.beta
     result = {
         "train_loss": train_loss,

@@ -119,7 +119,7 @@ def train_and_measure(config: Config, args: argparse.Namespace) -> dict[str, flo
     start = time.perf_counter()
     values = {
         "renyi": float(measures.renyi_sharpness(model, loss_fn, probe, alpha=2, matvecs=args.matvecs)),
-        "trace": float(measures.hessian_trace(model, loss_fn, probe, matvecs=args.matvecs)),
+        "trace": float(measures.hessian_trace(model, loss_fn, probe, matvecs=args.matvecs, method="hutch++")),
         "top_eigenvalue": float(measures.hessian_eigenvalues(model, loss_fn, probe, tol=1e-3)),
         "worst_case": float(
             measures.worst_case_sharpness(model, loss_fn, probe, rho=args.rho, geometry="adaptive", steps=args.steps)

@@ -145,7 +145,7 @@ def test_every_hessian_measure_on_transformer_encoder_equals_the_math_kernel(fas
     block = torch.cat([torch.full((p.numel(),), n in attention) for n, p in model.named_parameters()])
     diag = M.hessian_diagonal(model, ce, batch, params=attention, exact=True)
     assert torch.allclose(diag.diagonal[attention[0]].reshape(-1), H.diagonal()[block], rtol=1e-8, atol=1e-12)
-    t = M.hessian_trace(model, ce, batch, params=attention, matvecs=3 * int(block.sum()))
+    t = M.hessian_trace(model, ce, batch, params=attention, matvecs=3 * int(block.sum()), method="hutch++")
     assert float(t) == pytest.approx(H[block][:, block].trace().item(), rel=1e-8)
     for backend in ("vmap", "jvp"):  # forward-mode AD through the attention too
         v = torch.randn(dim, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
@@ -255,7 +255,7 @@ def test_measures_on_cuda_attention_equal_the_math_kernel():
     model, batch = tiny_bert(torch.float32).cuda(), tuple(t.cuda() for t in bert_batch())
     named = dict(model.named_parameters())
     H = math_kernel_hessian(model, bert_loss, batch, [named[n] for n in BERT_BLOCK])
-    t = M.hessian_trace(model, bert_loss, batch, params=BERT_BLOCK, matvecs=3 * H.shape[0])
+    t = M.hessian_trace(model, bert_loss, batch, params=BERT_BLOCK, matvecs=3 * H.shape[0], method="hutch++")
     assert float(t) == pytest.approx(H.trace().item(), rel=1e-3)
     encoder, eb = Encoder().cuda(), tuple(t.cuda() for t in encoder_batch())
     eb = (eb[0].float(), eb[1])

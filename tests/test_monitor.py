@@ -137,14 +137,14 @@ def test_probe_set_is_seeded_fixed_and_independent_of_the_loader_order():
 def test_logged_values_equal_direct_measurements_of_the_probe_set():
     """At train end, every logged number is the measure of the final weights on the probe batches."""
     model, logger = Net(dropout=0.5), RecordingLogger()
-    spec = [TRACE, TOP, {"name": "hessian_trace", "tag": "trace_pp", "matvecs": 12}]
+    spec = [TRACE, TOP, {"name": "hessian_trace", "tag": "trace_pp", "method": "hutch++", "matvecs": 12}]
     monitor = SharpnessMonitor(measures=spec, every_n_epochs=None, every_n_steps=100, max_overhead=None, seed=3)
     make_trainer(logger=logger, max_epochs=2, callbacks=[monitor]).fit(model, loader())
     batches = probe_batches(monitor, data())
     model.eval()  # the monitor measures in eval mode: dropout off
     expected_trace = measures.hessian_trace(model, ce, batches, method="hutchinson", matvecs=8, seed=3)
     expected_top = measures.hessian_eigenvalues(model, ce, batches, k=2, seed=3)
-    expected_pp = measures.hessian_trace(model, ce, batches, matvecs=12, seed=3)
+    expected_pp = measures.hessian_trace(model, ce, batches, method="hutch++", matvecs=12, seed=3)
     first, (step, logged) = [r for r in logger.records if "sharpness/hessian_trace" in r[1]]
     assert first[0] == 0 and step == 10  # at fit start, then at train end
     assert logged["sharpness/hessian_trace"] == pytest.approx(float(expected_trace), rel=1e-6)

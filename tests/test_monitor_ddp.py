@@ -22,7 +22,7 @@ MEASURES = [
     {"name": "average_case_sharpness", "rho": 0.1, "samples": 5},  # linear: sharded
     {"name": "worst_case_sharpness", "rho": 0.05, "m": 5, "init": "zero", "steps": 3},  # linear: sharded
     {"name": "hessian_eigenvalues", "k": 2},  # not linear: whole probe set on every process
-    {"name": "hessian_trace", "matvecs": 12, "tag": "trace_hutchpp"},  # Hutch++: not linear
+    {"name": "hessian_trace", "method": "hutch++", "matvecs": 12, "tag": "trace_hutchpp"},  # Hutch++: not linear
 ]
 SHARDED = {"hessian_trace", "hessian_diagonal", "average_case_sharpness", "worst_case_sharpness"}
 
