@@ -37,7 +37,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from digits import DigitsClassifier, DigitsDataModule  # noqa: E402
-from results import kendall_tau, report  # noqa: E402
+from results import bootstrap_tau, report  # noqa: E402
 
 from lightning_sharpness import measures  # noqa: E402
 
@@ -130,22 +130,6 @@ def train_and_measure(config: Config, args: argparse.Namespace) -> dict[str, flo
     logger.log_metrics({f"final/{k}": v for k, v in row.items()}, trainer.global_step)
     logger.experiment.flush()
     return {**row, "seconds": seconds, "measuring": measuring}
-
-
-def bootstrap_tau(x: list[float], y: list[float], resamples: int, seed: int = 0) -> tuple[float, float]:
-    """Kendall's tau of ``x`` and ``y`` and its standard deviation over bootstrap resamples of the pairs
-    (resamples where one side is constant, whose tau is undefined, are skipped)."""
-    tau = kendall_tau(x, y)
-    rng = random.Random(seed)
-    taus = []
-    for _ in range(resamples):
-        idx = [rng.randrange(len(x)) for _ in x]
-        xs, ys = [x[i] for i in idx], [y[i] for i in idx]
-        if len(set(xs)) > 1 and len(set(ys)) > 1:
-            taus.append(kendall_tau(xs, ys))
-    mean = sum(taus) / len(taus)
-    std = (sum((t - mean) ** 2 for t in taus) / max(1, len(taus) - 1)) ** 0.5
-    return tau, std
 
 
 def main(argv: list[str] | None = None) -> list[list[object]]:

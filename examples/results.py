@@ -30,6 +30,24 @@ def kendall_tau(x: Sequence[float], y: Sequence[float]) -> float:
     return float(kendalltau(list(x), list(y)).statistic)
 
 
+def bootstrap_tau(x: Sequence[float], y: Sequence[float], resamples: int, seed: int = 0) -> tuple[float, float]:
+    """Kendall's tau of ``x`` and ``y`` and its standard deviation over bootstrap resamples of the pairs
+    (resamples where one side is constant, whose tau is undefined, are skipped)."""
+    import random
+
+    tau = kendall_tau(x, y)
+    rng = random.Random(seed)
+    taus = []
+    for _ in range(resamples):
+        idx = [rng.randrange(len(x)) for _ in x]
+        xs, ys = [x[i] for i in idx], [y[i] for i in idx]
+        if len(set(xs)) > 1 and len(set(ys)) > 1:
+            taus.append(kendall_tau(xs, ys))
+    mean = sum(taus) / len(taus)
+    std = (sum((t - mean) ** 2 for t in taus) / max(1, len(taus) - 1)) ** 0.5
+    return tau, std
+
+
 def markdown_table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
     """A GitHub Markdown table; floats keep 4 significant digits."""
 

@@ -41,7 +41,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from results import kendall_tau, report  # noqa: E402
+from results import bootstrap_tau, report  # noqa: E402
 
 from lightning_sharpness import measures  # noqa: E402
 
@@ -235,22 +235,6 @@ def train_and_measure(config: Config, train_clean: TensorDataset, test: TensorDa
     logger.log_metrics({f"final/{k}": v for k, v in row.items()}, trainer.global_step)
     logger.experiment.flush()
     return {**row, "seconds": seconds, "measuring": measuring}
-
-
-def bootstrap_tau(x: list[float], y: list[float], resamples: int, seed: int = 0) -> tuple[float, float]:
-    """Kendall's tau of ``x`` and ``y`` and its standard deviation over bootstrap resamples of the pairs
-    (resamples where one side is constant, whose tau is undefined, are skipped)."""
-    tau = kendall_tau(x, y)
-    rng = random.Random(seed)
-    taus = []
-    for _ in range(resamples):
-        idx = [rng.randrange(len(x)) for _ in x]
-        xs, ys = [x[i] for i in idx], [y[i] for i in idx]
-        if len(set(xs)) > 1 and len(set(ys)) > 1:
-            taus.append(kendall_tau(xs, ys))
-    mean = sum(taus) / len(taus)
-    std = (sum((t - mean) ** 2 for t in taus) / max(1, len(taus) - 1)) ** 0.5
-    return tau, std
 
 
 def main(argv: list[str] | None = None) -> list[list[object]]:
