@@ -5,7 +5,7 @@ from lightning_sharpness.sam.callback import ASAM, SAM, USAM
 from lightning_sharpness.sam.engine import SAMEngine
 from lightning_sharpness.sam.family import GSAM, WSAM, FriendlySAM, LookSAM
 from lightning_sharpness.sam.mixin import SAMMixin
-from lightning_sharpness.sam.rsam import RSAM
+from lightning_sharpness.sam.rsam import RSAM, RenyiAscent
 from lightning_sharpness.sam.saf import MESA, SAF, WithIndex
 from lightning_sharpness.sam.schedules import (
     ConstantRho,
@@ -48,6 +48,7 @@ __all__ = [
     "MESA",
     "WithIndex",
     "RSAM",
+    "RenyiAscent",
     "SAMVariant",
     "SurrogateGap",
     "WeightedSharpness",

@@ -217,6 +217,11 @@ class SAMEngine:
         self._moved = params
         return grad_norm
 
+    @property
+    def perturbed(self) -> bool:
+        """Whether the weights are at ``w + e`` now (between :meth:`perturb` and :meth:`restore`)."""
+        return bool(self._moved)
+
     def restore(self) -> None:
         """Write the weights saved by :meth:`perturb` back (bitwise) and free the copy; a no-op when nothing
         is moved, so that every exit path can call it."""

@@ -24,6 +24,7 @@ from lightning_sharpness.sam.stepping import (
     refuse_closure_optimizer,
     skip_if_not_finite,
 )
+from lightning_sharpness.sam.variants import SAMVariant
 
 __all__ = ["SAMMixin"]
 
@@ -85,6 +86,19 @@ class SAMMixin:
         variant.begin_step(self.global_step)  # the mixin runs SAM from the first step: counted from 0
         rho = engine.rho_at(self.global_step)
         parallel = isinstance(trainer.strategy, ParallelStrategy)
+        if parallel and getattr(variant, "double_backward", False):
+            raise ValueError(
+                f"The SAM variant {type(variant).__name__} differentiates through the gradient (double backward), "
+                "which torch's DistributedDataParallel does not support; run it on one device per model."
+            )
+        user_loss_fn, losses_at_w = loss_fn, []
+
+        def loss_fn(batch: Any) -> Tensor:  # what each pass back-propagates: the variant's objective (RSAM's)
+            loss = user_loss_fn(batch)
+            if not engine.perturbed:
+                losses_at_w.append(loss.detach())
+            return variant.objective(loss, engine._trainable, engine.perturbed, scale)
+
         if not variant.runs_second_pass():
             stats = self._one_pass_gradient(engine, loss_fn, batch, rho)
         else:
@@ -106,6 +120,10 @@ class SAMMixin:
                     # what the loss function logs or counts in metrics at w + e must not reach the user's logs
                     perturbed_pass_context=lambda: quiet(self),
                 )
+            regularized = type(variant).objective is not SAMVariant.objective
+            if regularized and len(losses_at_w) == len(chunks := engine.chunks(batch)):
+                # the diagnostics are of the training loss, not of an objective a variant back-propagates
+                stats.loss = sum(loss * weight for loss, (_, weight) in zip(losses_at_w, chunks))
             if own_sync:
                 variant.step_sums = average_over_processes(engine.current_grads(), variant.step_sums)
             variant.finish_step()

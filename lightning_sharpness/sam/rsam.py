@@ -1,29 +1,38 @@
-"""RSAM (Zhang et al., *Rényi Sharpness: A Novel Sharpness that Strongly Correlates with Generalization*, arXiv
-2510.07758): SAM on the loss regularized by a Rényi sharpness of the gradient.
+"""RSAM (Zhang et al., *Rényi Sharpness: A Novel Sharpness that Strongly Correlates with Generalization*, ICLR
+2026, arXiv 2510.07758): SAM whose ascent follows the loss regularized by the Rényi sharpness of the gradient.
 
-What we could and could not read. The paper's text was not reachable from this project (only its abstract and its
-public reviews). From them: Rényi sharpness is the negative Rényi entropy of the normalized Hessian spectrum
-``-H_alpha(p)``, ``p_i = lambda_i / sum_j lambda_j``; RSAM uses "a variant of Rényi sharpness as regularizer"
-whose proxy for the spectrum is the squared gradient components (``lambda_j ~ g_j^2``, the reviews' remarks on the
-paper's Eqs. 9-10), with a radius ``rho`` tuned like SAM's and a warm-up. Our reading, to be replaced by the
-paper's update once it can be checked:
+The paper's method, as its text and its authors' README describe it. Rényi sharpness is the negative Rényi
+entropy of the normalized Hessian spectrum, ``-H_alpha(p)`` with ``p_i = lambda_i / sum_j lambda_j``. For
+training, the paper replaces the Hessian by the gradient magnitudes ``GM = Diag(g)^2`` (``g`` the mini-batch
+gradient), which makes one global regularizer differentiable:
 
-    L_RSAM(w) = L(w) + gamma * S_alpha(g(w)),   S_alpha(g) = log(sum_j p_j^alpha) / (alpha - 1),  p = g^2 / ||g||^2
+    S_alpha(g) = -H_alpha(p) = log(sum_j p_j^alpha) / (alpha - 1),   p = g^2 / ||g||^2
 
-(``sum_j p_j log p_j`` at ``alpha = 1``), with ``g`` the (micro-)batch gradient over all trainable parameters, and
-SAM's two-pass update applied to ``L_RSAM``: ``e = rho grad L_RSAM(w) / ||grad L_RSAM(w)||``, descent along
-``grad L_RSAM(w + e)``. The gradient of ``S_alpha(g(w))`` is a Hessian-vector product, computed exactly by double
-backward inside ``training_step`` (each pass costs about two ordinary ones). ``S_alpha`` is scale-invariant in
-``g`` (so a GradScaler's scale cancels, and fp16 computes the inner gradient of the scaled loss) and lies in
-``[-log d, 0]``. Zero gradient components count as ``p_j = 0``. Warm-up: ``start_step`` / ``start_epoch`` (SAM's).
+(``sum_j p_j log p_j`` at ``alpha = 1``), in ``[-log d, 0]``. RSAM "follows the SAM approach: perturb the weights
+along the regularized gradient, then compute the loss at the perturbed point":
 
-Logged: ``sam/renyi_sharpness`` (``S_alpha`` at ``w``) next to SAM's diagnostics.
+    e = rho * grad(L + gamma * S_alpha(g))(w) / ||grad(L + gamma * S_alpha(g))(w)||,   descent along grad L(w + e)
+
+with a warm-up of plain training first (the authors' command trains 5 epochs without RSAM: ``start_epoch``).
+Where the paper leaves a choice open, ours:
+
+* ``regularize="ascent"`` (default) is the sentence above: the regularizer shapes the ascent direction only, the
+  descent gradient is the training loss's at ``w + e``. ``regularize="both"`` is SAM on ``L + gamma S_alpha``
+  (the descent gradient regularized too), our former reading, kept as an option; it costs a second double backward.
+* ``grad S_alpha(g(w))`` is a Hessian-vector product, computed exactly by double backward in the pass at ``w``
+  (about two ordinary passes), over all trainable parameters (the paper's "global" regularizer).
+* ``alpha = 1.5`` by default: the paper's order for spectra with one cluster of large eigenvalues (``0.5`` for
+  several clusters; its README's command uses 1.2). ``gamma`` (the regularizer's weight) is 0.1 by default:
+  the paper's value could not be read off its public material.
+* ``S_alpha`` is scale-invariant in ``g``, so a GradScaler's scale cancels (fp16 differentiates the scaled loss,
+  which keeps the inner gradient in range). Zero gradient components count as ``p_j = 0``.
+
+Logged: ``sam/renyi_sharpness`` (``S_alpha`` at ``w``, the step's first pass) next to SAM's diagnostics.
 """
 
 from __future__ import annotations
 
-import math
-from typing import Any
+from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
@@ -32,9 +41,12 @@ from torch import Tensor
 from lightning_sharpness.sam.callback import SAM
 from lightning_sharpness.sam.engine import RhoLike, loss_scale
 from lightning_sharpness.sam.saf import _wrap_training_step
-from lightning_sharpness.validation import check_number
+from lightning_sharpness.sam.variants import SAMVariant
+from lightning_sharpness.validation import check_choice, check_number
 
-__all__ = ["RSAM", "renyi_of_gradient"]
+__all__ = ["RSAM", "RenyiAscent", "renyi_of_gradient"]
+
+Regularize = Literal["ascent", "both"]
 
 
 def renyi_of_gradient(grads: list[Tensor], alpha: float) -> Tensor | None:
@@ -42,7 +54,7 @@ def renyi_of_gradient(grads: list[Tensor], alpha: float) -> Tensor | None:
     differentiable in ``g``; ``None`` for a zero or non-finite gradient."""
     sq = torch.cat([g.reshape(-1).float().pow(2) for g in grads])
     total = sq.sum()
-    if not bool(torch.isfinite(total)) or float(total) == 0:
+    if not bool(torch.isfinite(total.detach())) or float(total.detach()) == 0:
         return None
     p = sq / total
     positive = p > 0
@@ -52,31 +64,99 @@ def renyi_of_gradient(grads: list[Tensor], alpha: float) -> Tensor | None:
     return torch.where(positive, safe.pow(alpha), torch.zeros_like(p)).sum().log() / (alpha - 1)
 
 
-class RSAM(SAM):
-    """Rényi-sharpness-aware minimization (our reading of Zhang et al., 2025; see the module docstring): SAM on
-    ``L + gamma * S_alpha(g)``.
+class RenyiAscent(SAMVariant):
+    """RSAM's rule on SAM's engine: the passes at ``w`` back-propagate ``L + gamma * S_alpha(grad L)`` (and, with
+    ``regularize="both"``, the passes at ``w + e`` too). The same object serves the :class:`RSAM` callback and the
+    mixin (``SAMEngine(variant=RenyiAscent(...))``).
 
     Args:
-        rho: SAM's radius (or schedule); ``rho=0`` gives the regularizer alone (the second pass then runs at w).
-        alpha: Rényi order, > 0 (2 by default).
+        alpha: Rényi order, > 0.
         gamma: weight of the regularizer, >= 0.
-        **kwargs: the :class:`~lightning_sharpness.SAM` callback's other options (``start_step`` for the warm-up).
-
-    Raises:
-        ValueError: for ``alpha <= 0`` or ``gamma < 0``; at setup, under DDP (double backward inside DDP's forward
-            is not supported by torch) and for manual optimization.
+        regularize: ``"ascent"`` (the paper) or ``"both"``.
 
     Example::
 
-        trainer = Trainer(callbacks=[RSAM(rho=0.05, alpha=2.0, gamma=0.1, start_epoch=5)])
+        self.sam = SAMEngine(rho=0.05, variant=RenyiAscent(alpha=1.5, gamma=0.1))  # then self.sam_step(...)
     """
 
-    def __init__(self, rho: RhoLike = 0.05, alpha: float = 2.0, gamma: float = 0.1, **kwargs: Any) -> None:
+    #: the regularizer differentiates through a gradient, which torch's DistributedDataParallel cannot do.
+    double_backward = True
+
+    def __init__(self, alpha: float = 1.5, gamma: float = 0.1, regularize: Regularize = "ascent") -> None:
+        super().__init__()
         self.alpha = check_number(alpha, "alpha", minimum=0, strict=True)
         self.gamma = check_number(gamma, "gamma", minimum=0)
-        super().__init__(rho=rho, **kwargs)
-        self._undo = None
+        self.regularize = check_choice(regularize, "regularize", ("ascent", "both"))
         self._renyi: Tensor | None = None
+        self.last_term: Tensor | None = None  # gamma * S_alpha added by the last pass at w (for the diagnostics)
+
+    def begin_step(self, step: int) -> None:
+        super().begin_step(step)
+        self._renyi = self.last_term = None
+
+    def objective(self, loss: Tensor, params: list[torch.nn.Parameter], perturbed: bool, scale: float) -> Tensor:
+        if self.gamma == 0 or (perturbed and self.regularize == "ascent"):
+            return loss
+        with torch.enable_grad():  # the scaled loss keeps fp16's inner gradient in range; S_alpha ignores the scale
+            grads = torch.autograd.grad(loss * scale, params, create_graph=True, allow_unused=True)
+        renyi = renyi_of_gradient([g for g in grads if g is not None], self.alpha)
+        if renyi is None:  # a zero or non-finite gradient: the pass goes on unregularized (inf is then skipped)
+            return loss
+        term = self.gamma * renyi.to(loss.dtype)
+        if not perturbed:
+            self.last_term = term.detach()
+            if self._renyi is None:
+                self._renyi = renyi.detach()
+        return loss + term
+
+    def diagnostics(self) -> dict[str, Any]:
+        if self._renyi is None or not bool(torch.isfinite(self._renyi)):
+            return {}
+        return {"renyi_sharpness": self._renyi.float()}
+
+
+class RSAM(SAM):
+    """Rényi-sharpness-aware minimization (Zhang et al., 2026; see the module docstring): the ascent along the
+    gradient of ``L + gamma * S_alpha(g)``, the descent along ``grad L(w + e)``.
+
+    Args:
+        rho: SAM's radius (or schedule); ``rho=0`` gives the regularizer alone (the second pass then runs at w).
+        alpha: Rényi order, > 0 (1.5 by default, the paper's).
+        gamma: weight of the regularizer, >= 0.
+        regularize: ``"ascent"`` (the paper: the regularizer shapes the perturbation) or ``"both"`` (SAM on the
+            regularized loss: the descent gradient includes it too).
+        **kwargs: the :class:`~lightning_sharpness.SAM` callback's other options (``start_epoch`` for the
+            paper's warm-up).
+
+    Raises:
+        ValueError: for ``alpha <= 0``, ``gamma < 0``, another ``regularize`` or a ``variant``; at setup, under
+            DDP (double backward inside DDP's forward is not supported by torch).
+
+    Example::
+
+        trainer = Trainer(callbacks=[RSAM(rho=0.05, alpha=1.5, gamma=0.1, start_epoch=5)])
+    """
+
+    def __init__(
+        self,
+        rho: RhoLike = 0.05,
+        alpha: float = 1.5,
+        gamma: float = 0.1,
+        regularize: Regularize = "ascent",
+        **kwargs: Any,
+    ) -> None:
+        if "variant" in kwargs:
+            raise ValueError("RSAM sets its own `variant` (RenyiAscent); use the SAM callback for another one.")
+        super().__init__(rho=rho, variant=RenyiAscent(alpha, gamma, regularize), **kwargs)
+        self._undo = None
+
+    @property
+    def alpha(self) -> float:
+        return self.engine.variant.alpha
+
+    @property
+    def gamma(self) -> float:
+        return self.engine.variant.gamma
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
@@ -87,37 +167,26 @@ class RSAM(SAM):
             )
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._undo = _wrap_training_step(pl_module, lambda out, args: self._regularize(trainer, pl_module, out))
+        self._undo = _wrap_training_step(pl_module, lambda out, args: self._regularize(trainer, out))
         super().on_fit_start(trainer, pl_module)
 
-    def _regularize(self, trainer: pl.Trainer, pl_module: pl.LightningModule, output: Any) -> Any:
+    def _regularize(self, trainer: pl.Trainer, output: Any) -> Any:
+        """Every ``training_step`` of the fit, Lightning's and SAM's own passes alike, goes through here."""
         loss = output["loss"] if isinstance(output, dict) else output
-        if not isinstance(loss, Tensor) or not self._sam_is_on(trainer) or self.gamma == 0:
+        if not isinstance(loss, Tensor) or not self._sam_is_on(trainer):
             return output
-        params = [p for p in pl_module.parameters() if p.requires_grad]
-        scale = loss_scale(trainer.precision_plugin)  # S is scale-invariant: the scaled gradient keeps fp16 in range
-        with torch.enable_grad():
-            grads = torch.autograd.grad(loss * scale, params, create_graph=True, allow_unused=True)
-        renyi = renyi_of_gradient([g for g in grads if g is not None], self.alpha)
-        if renyi is None:
-            return output
-        if self._renyi is None:
-            self._renyi = renyi.detach()
-        regularized = loss + self.gamma * renyi.to(loss.dtype)
+        engine = self.engine
+        scale = loss_scale(trainer.precision_plugin)
+        regularized = engine.variant.objective(loss, engine._trainable, engine.perturbed, scale)
         return {**output, "loss": regularized} if isinstance(output, dict) else regularized
 
-    def on_train_batch_start(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
-    ) -> None:
-        if self._micro_count == 0:
-            self._renyi = None
-        super().on_train_batch_start(trainer, pl_module, batch, batch_idx)
-
-    def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:
-        logged = self._active and self.log_diagnostics and trainer._logger_connector.should_update_logs
-        super().on_before_optimizer_step(trainer, pl_module, optimizer)
-        if logged and self._renyi is not None and math.isfinite(float(self._renyi)):
-            pl_module.log("sam/renyi_sharpness", self._renyi.float(), on_step=True, on_epoch=False)
+    def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: Tensor) -> None:
+        # SAM's statistics (sam/sharpness_gap = L(w + e) - L(w)) are of the training loss, not of the regularized
+        # one Lightning back-propagates: that is ``scale * (L + term) / k`` here.
+        term = self.engine.variant.last_term if self._active else None
+        if term is not None:
+            loss = loss - term * (loss_scale(trainer.precision_plugin) / trainer.accumulate_grad_batches)
+        super().on_before_backward(trainer, pl_module, loss)
 
     def _remove(self) -> None:
         if self._undo is not None:

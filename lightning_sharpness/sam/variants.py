@@ -81,6 +81,12 @@ class SAMVariant:
     def finish_step(self) -> None:
         """After every pass of the step (and the average over processes): turn the step's sums into state."""
 
+    def objective(self, loss: Tensor, params: list[torch.nn.Parameter], perturbed: bool, scale: float) -> Tensor:
+        """The loss a pass back-propagates, given the training loss of that pass; ``perturbed`` says whether the
+        weights are at ``w + e``, ``params`` are the trainable parameters and ``scale`` the GradScaler's
+        (RSAM adds its regularizer to the passes at ``w``). SAM back-propagates the loss itself."""
+        return loss
+
     def one_pass_(self, grads: Grads) -> None:
         """On a step without a second pass: turn the gradient at ``w`` in place into the descent gradient."""
 
