@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from lightning_sharpness.sam.family import GSAM, WSAM, FriendlySAM, LookSAM
+from lightning_sharpness.sam.rsam import RSAM
 from lightning_sharpness.sam.schedules import ProportionalRho
 from lightning_sharpness.sam.variants import SurrogateGap
 
@@ -46,6 +47,7 @@ def test_fit_from_the_family_yaml(tmp_path):
         (WSAM, ["rho=0.1", "gamma=0.8", "decouple=false"], lambda c: c.engine.variant.decouple is False),
         (FriendlySAM, ["sigma=0.5", "lmbda=0.7"], lambda c: c.engine.variant.lmbda == 0.7),
         (LookSAM, ["k=2", "alpha=0.5", "mode=global"], lambda c: c.engine.variant.k == 2),
+        (RSAM, ["alpha=1.2", "gamma=0.2", "regularize=both"], lambda c: c.engine.variant.regularize == "both"),
     ],
     ids=lambda v: getattr(v, "__name__", None),
 )
@@ -54,7 +56,7 @@ def test_family_from_command_line_flags(tmp_path, cls, flags, check):
         [
             "fit",
             f"--trainer.default_root_dir={tmp_path}",
-            f"--trainer.callbacks=lightning_sharpness.sam.family.{cls.__name__}",
+            f"--trainer.callbacks={cls.__module__}.{cls.__name__}",
             *[f"--trainer.callbacks.{f}" for f in flags],
             *SHORT_RUN,
         ]

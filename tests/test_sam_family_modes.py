@@ -12,6 +12,7 @@ from lightning.pytorch.plugins import MixedPrecision
 from lightning_sharpness import SAMEngine, SAMMixin
 from lightning_sharpness.sam.bsam import BSAM, BSAMOptimizer
 from lightning_sharpness.sam.family import GSAM, WSAM, FriendlySAM, LookSAM
+from lightning_sharpness.sam.rsam import RSAM, RenyiAscent
 from lightning_sharpness.sam.schedules import ProportionalRho
 from lightning_sharpness.sam.variants import FriendlyAscent, LookAhead, SurrogateGap, WeightedSharpness
 from tests.helpers import Classifier, assert_same_weights, classification_data, loader, mlp, trainer
@@ -26,6 +27,7 @@ CALLBACKS = {
     "wsam-coupled": lambda **kw: WSAM(rho=0.1, gamma=0.8, decouple=False, **kw),
     "friendlysam": lambda **kw: FriendlySAM(rho=0.1, sigma=1.0, lmbda=0.8, **kw),
     "looksam": lambda **kw: LookSAM(rho=0.1, k=2, alpha=0.5, **kw),
+    "rsam": lambda **kw: RSAM(rho=0.1, alpha=1.5, gamma=0.5, **kw),
 }
 ENGINES = {
     "gsam": lambda: SAMEngine(rho=ProportionalRho(0.1, 0.02, lr_min=0.01), variant=SurrogateGap(0.3)),
@@ -33,6 +35,7 @@ ENGINES = {
     "wsam-coupled": lambda: SAMEngine(rho=0.1, variant=WeightedSharpness(0.8, decouple=False)),
     "friendlysam": lambda: SAMEngine(rho=0.1, variant=FriendlyAscent(1.0, 0.8)),
     "looksam": lambda: SAMEngine(rho=0.1, variant=LookAhead(2, 0.5)),
+    "rsam": lambda: SAMEngine(rho=0.1, variant=RenyiAscent(1.5, 0.5)),
 }
 
 
@@ -56,7 +59,8 @@ def fit(name, batch_size=16, steps=STEPS, optimizer=None, module=None, **trainer
 ALL = [*CALLBACKS, "bsam"]
 
 
-@pytest.mark.parametrize("name", ALL)
+# RSAM's regularizer is a function of one micro-batch's gradient: global accumulation is refused (below)
+@pytest.mark.parametrize("name", [n for n in ALL if n != "rsam"])
 def test_global_accumulation_is_the_step_on_the_union(name):
     whole = fit(name)
     kwargs = {} if name == "bsam" else dict(sam_kwargs=dict(mode="global"))
@@ -177,3 +181,8 @@ def test_looksam_runs_one_pass_between_full_steps():
     calls = fit("looksam", steps=4).calls
     # k = 2: steps 0 and 2 run Lightning's pass and the perturbed one, steps 1 and 3 Lightning's only
     assert len(calls) == 2 + 1 + 2 + 1
+
+
+def test_rsam_refuses_global_accumulation_at_setup():
+    with pytest.raises(ValueError, match="mode='global'"):
+        fit("rsam", batch_size=8, accumulate_grad_batches=2, sam_kwargs=dict(mode="global"))

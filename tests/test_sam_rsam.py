@@ -176,3 +176,9 @@ def test_accumulation_local_mode_matches_reference():
 def test_bad_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):
         RSAM(**kwargs)
+
+
+def test_manual_optimization_is_pointed_to_the_mixin():
+    x, y = classification_data()
+    with pytest.raises(ValueError, match="RenyiAscent"):
+        trainer(max_steps=1, callbacks=[RSAM()]).fit(ManualClassifier(mlp()), loader(x, y))

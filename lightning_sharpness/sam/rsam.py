@@ -130,7 +130,8 @@ class RSAM(SAM):
 
     Raises:
         ValueError: for ``alpha <= 0``, ``gamma < 0``, another ``regularize`` or a ``variant``; at setup, under
-            DDP (double backward inside DDP's forward is not supported by torch).
+            DDP (double backward inside DDP's forward is not supported by torch) and for ``mode="global"`` with
+            gradient accumulation (the regularizer needs one micro-batch's whole gradient graph).
 
     Example::
 
@@ -159,11 +160,24 @@ class RSAM(SAM):
         return self.engine.variant.gamma
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage == "fit" and not pl_module.automatic_optimization:
+            raise ValueError(
+                f"The RSAM callback needs automatic optimization, but {type(pl_module).__name__}."
+                "automatic_optimization is False. For manual optimization, mix `lightning_sharpness.SAMMixin` into "
+                "the module and call `self.sam_step(optimizer, loss_fn, batch, sam=SAMEngine(rho=..., "
+                "variant=RenyiAscent(alpha=..., gamma=...)))`."
+            )
         super().setup(trainer, pl_module, stage)
         if stage == "fit" and trainer.world_size > 1:
             raise ValueError(
                 "RSAM differentiates through the gradient (double backward) inside training_step, which torch's "
                 "DistributedDataParallel does not support; run RSAM on one device per model, or use SAM/ASAM."
+            )
+        if stage == "fit" and self.engine.mode == "global" and trainer.accumulate_grad_batches > 1:
+            raise ValueError(
+                "RSAM's regularizer is a function of one micro-batch's gradient (its double backward cannot span "
+                f"the {trainer.accumulate_grad_batches} accumulated micro-batches), so `mode='global'` cannot "
+                "perturb along the effective batch's regularized gradient; use `mode='local'` (the default)."
             )
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
