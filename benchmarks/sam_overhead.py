@@ -317,7 +317,12 @@ def precision_section(batch, args) -> dict[str, float]:
 
 def family_section(batch, args) -> dict[str, float]:
     """The SAM family on our engine, fp32: step time / plain and / SAM, extra peak memory (SAF: its own benchmark,
-    benchmarks/saf_overhead.py, since it needs indexed data)."""
+    benchmarks/saf_overhead.py, since it needs indexed data).
+
+    A step time here is the mean over a run's measured steps (the median over repeats of those means), so that
+    the steps a method runs only now and then (LookSAM's full step every k, SSAM's mask refresh) count at their
+    share: ``--steps`` should be a multiple of 10, LookSAM's k and SSAM's update period here.
+    """
     family = {
         "plain": lambda: [],
         "SAM": lambda: [SAM(rho=0.05)],
@@ -326,11 +331,12 @@ def family_section(batch, args) -> dict[str, float]:
         "FriendlySAM": lambda: [FriendlySAM(rho=0.05)],
         "LookSAM k=10": lambda: [LookSAM(rho=0.05, k=10)],
         "BSAM": lambda: [BSAM()],
-        "SSAM-F (update every 100)": lambda: [SSAMF(rho=0.05, sparsity=0.5, num_samples=16, update_freq=100)],
-        "SSAM-D (update every 100)": lambda: [SSAMD(rho=0.05, sparsity=0.5, update_freq=100)],
+        "SSAM-F (mask every 10 steps)": lambda: [SSAMF(rho=0.05, sparsity=0.5, num_samples=16, update_freq=10)],
+        "SSAM-D (mask every 10 steps)": lambda: [SSAMD(rho=0.05, sparsity=0.5, update_freq=10)],
         "layer-wise ASAM": lambda: [SAM(rho=0.5, geometry=LayerwiseAdaptiveGeometry())],
         "l-inf ASAM": lambda: [SAM(rho=0.05, geometry=LinfAdaptiveGeometry())],
         "RSAM": lambda: [RSAM(rho=0.05)],
+        "RSAM regularize='both'": lambda: [RSAM(rho=0.05, regularize="both")],
         "MESA": lambda: [MESA()],
         "SAM m=16, loop": lambda: [SAM(rho=0.05, m=16, vectorize=False)],
         "SAM m=16, vectorized": lambda: [SAM(rho=0.05, m=16)],
@@ -338,11 +344,11 @@ def family_section(batch, args) -> dict[str, float]:
         "SAM m=4, vectorized": lambda: [SAM(rho=0.05, m=4)],
     }
     peaks = {name: peak_bytes(lambda make=make: lightning_run(batch, 3, 0, make())) for name, make in family.items()}
-    times: dict[str, list[float]] = {name: [] for name in family}
+    means: dict[str, list[float]] = {name: [] for name in family}
     for _ in range(args.repeats):
         for name, make in family.items():
-            times[name] += lightning_run(batch, args.steps, args.warmup, make())
-    median = {name: statistics.median(t) for name, t in times.items()}
+            means[name].append(statistics.mean(lightning_run(batch, args.steps, args.warmup, make())))
+    median = {name: statistics.median(m) for name, m in means.items()}
     param_bytes = sum(p.numel() * p.element_size() for p in cnn().parameters())
     print("| method | ms/step | / plain | / SAM | extra peak memory (parameter copies) |")
     print("|---|---|---|---|---|")
