@@ -77,6 +77,21 @@ def test_ddp_modes_match_single_process_references(mode, tmp_path, plain_communi
         assert result["calls"] == 2 * plain_communication["calls"]
 
 
+def test_ddp_m_sharpness_matches_reference(tmp_path, plain_communication):
+    """m-SAM under DDP: each process's chunks are perturbed on their own (Lightning's whole-batch backward is
+    skipped, its forward under no_sync); the union's chunks of 4 are exactly the processes' chunks."""
+    net = mlp()
+    result = run_ddp(DDPClassifier(clone(net)), tmp_path, callbacks=[SAM(rho=0.05, m=4)])
+    x, y = classification_data(n=STEPS * BATCH * WORLD)
+    shards = shard_indices(len(y), WORLD)
+    opt = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
+    for t in range(STEPS):
+        idx = torch.cat([s[t * BATCH : (t + 1) * BATCH] for s in shards])
+        reference.sam_step(net, opt, x[idx], y[idx], rho=0.05, m=4)
+    assert_matches(result["state"], net)
+    assert result["calls"] == plain_communication["calls"]  # one gradient all-reduce per step
+
+
 def test_mixin_ddp_local_mode(tmp_path, plain_communication):
     net = mlp()
     result = run_ddp(ManualDDPClassifier(clone(net), SAMEngine(rho=0.05)), tmp_path)

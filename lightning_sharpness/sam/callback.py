@@ -28,7 +28,8 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from lightning.pytorch.utilities.signature_utils import is_param_in_hook_signature
 from torch import Tensor
 
-from lightning_sharpness._lightning import quiet
+from lightning_sharpness._lightning import quiet, shadow_method
+from lightning_sharpness.batching import count_examples
 from lightning_sharpness.geometry import AdaptiveGeometry, Geometry
 from lightning_sharpness.sam.engine import (
     BNUpdate,
@@ -159,6 +160,8 @@ class SAM(Callback):
         self._one_pass = False  # a step of a variant without the second pass (LookSAM between full steps)
         self._own_sync = False  # DDP local mode with a variant that averages over processes itself
         self._skipped: bool | None = None  # whether this step's optimizer step was skipped (set before it)
+        self._chunked = False  # m-SAM with more than one chunk in this micro-batch
+        self._skip_backward = False  # the next backward is Lightning's whole-batch one, which m-SAM replaces
 
     # ---------------------------------------------------------------- validation before any step
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -184,6 +187,8 @@ class SAM(Callback):
         # Bind now, so that what binding checks (attention heads for the geodesic geometry) fails before step 0.
         self.engine.follow(pl_module, trainer.optimizers[0])
         self._step_takes_batch_idx = is_param_in_hook_signature(pl_module.training_step, "batch_idx", min_args=2)
+        if self.engine.m is not None:
+            self._undo_backward = shadow_method(pl_module, "backward", self._lightning_backward)
         if isinstance(trainer.strategy, FSDPStrategy) and self.engine.mode == "local":
             rank_zero_warn(
                 "Under FSDP every backward reduces gradients across processes, so SAM perturbs with the global "
@@ -226,6 +231,17 @@ class SAM(Callback):
             # Local mode: Lightning's pass must not all-reduce; the perturbed pass of this micro-batch will.
             self._sync_blocker.enter_context(trainer.strategy.block_backward_sync())
         self._batch, self._batch_idx = batch, batch_idx
+        self._chunked = self.engine.m is not None and count_examples(batch) > self.engine.m
+
+    def _lightning_backward(self, original: Callable[..., None], loss: Tensor, *args: Any, **kwargs: Any) -> None:
+        """The module's ``backward`` during a fit with m-SAM: the backward of Lightning's whole-batch loss is
+        skipped where m-SAM recomputes every chunk's gradient at w (that gradient would be thrown away: about two
+        thirds of a plain step saved); its forward, the user's ``training_step``, ran and logged as usual. SAM's
+        own passes back-propagate through here too, unskipped."""
+        if self._skip_backward:
+            self._skip_backward = False
+            return
+        original(loss, *args, **kwargs)
 
     def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: Tensor) -> None:
         if not self._active:
@@ -233,6 +249,7 @@ class SAM(Callback):
         self._stats.loss = _add(self._stats.loss, loss.detach() / _loss_scale(trainer))
         if self.engine.mode == "local" and not self._one_pass:
             self._stash = self.engine.take_grads()
+            self._skip_backward = self._chunked
 
     def on_after_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not self._active:
@@ -371,9 +388,19 @@ class SAM(Callback):
             self.engine.variant.after_optimizer_step(self._skipped)
             self._skipped = None
 
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._remove_backward()
+
+    def _remove_backward(self) -> None:
+        undo = self.__dict__.pop("_undo_backward", None)
+        if undo is not None:
+            undo()
+        self._skip_backward = False
+
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         # The weights are already back at w (every perturbed pass restores on its way out); drop the rest of
         # the interrupted step so that a later fit with this callback starts clean.
+        self._remove_backward()
         self.engine.restore()
         self._sync_blocker.close()
         self._reset_step()
