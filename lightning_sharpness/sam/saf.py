@@ -34,7 +34,6 @@ Logged under ``sam/``: ``saf_kl`` / ``mesa_kl`` (the ``tau^2``-scaled KL term of
 
 from __future__ import annotations
 
-import functools
 import weakref
 from collections import deque
 from collections.abc import Callable, Mapping
@@ -47,6 +46,7 @@ from lightning.pytorch.callbacks import Callback
 from torch import Tensor, nn
 from torch.utils.data import Dataset
 
+from lightning_sharpness._lightning import shadow_method
 from lightning_sharpness.validation import check_choice, check_int, check_number
 
 __all__ = ["MESA", "SAF", "WithIndex", "trajectory_kl"]
@@ -93,19 +93,11 @@ def trajectory_kl(logits: Tensor, target_logits: Tensor, tau: float) -> Tensor:
 
 def _wrap_training_step(pl_module: pl.LightningModule, add_term: Callable[[Any, Any], Any]) -> Callable[[], None]:
     """Shadow ``pl_module.training_step`` by ``add_term(output, batch)`` of its output; returns the undo."""
-    original = pl_module.training_step
 
-    @functools.wraps(original)  # keeps the signature Lightning and SAM inspect (batch_idx or not)
-    def training_step(*args: Any, **kwargs: Any) -> Any:
+    def training_step(original: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         return add_term(original(*args, **kwargs), args[0] if args else kwargs.get("batch"))
 
-    pl_module.training_step = training_step  # type: ignore[method-assign]
-
-    def undo() -> None:
-        if pl_module.__dict__.get("training_step") is training_step:
-            del pl_module.__dict__["training_step"]
-
-    return undo
+    return shadow_method(pl_module, "training_step", training_step)
 
 
 def _output_part(output: Any, key: str, who: str, contract: str) -> Tensor:
