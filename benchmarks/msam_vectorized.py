@@ -12,8 +12,8 @@ real digits, SGD. For each m in {1, 4, 16, 64}, against a plain step (forward, b
 Also printed: the largest difference between the loop's and the vectorized gradients (they must agree to
 1e-5), and the peak memory of one step above a plain step, in MiB (PyTorch's profiler records the
 allocations; the CPU allocator keeps no statistics). Then the same in Lightning: ``Trainer.fit`` of a
-LightningModule around the CNN, plain against the ``SAM(m=...)`` callback (its loop) and against the callback
-with the loop replaced by the vectorized passes (the integration, prototyped here as a subclass).
+LightningModule around the CNN, plain against the ``SAM(m=...)`` callback (its loop) and against
+``SAM(m=..., vectorize=True)`` (the vectorized passes from 8 chunks on, the loop below).
 
     OMP_NUM_THREADS=1 python benchmarks/msam_vectorized.py [--steps 20] [--repeats 3] [--width 32] [--threads 1]
         [--ms 1 4 16 64] [--skip-lightning]
@@ -47,8 +47,8 @@ from peak_memory import PeakMemory  # noqa: E402
 from examples.digits import small_cnn  # noqa: E402
 from lightning_sharpness import SAM  # noqa: E402
 from lightning_sharpness.geometry import StandardGeometry  # noqa: E402
-from lightning_sharpness.sam.engine import SAMEngine, accumulate_sam_gradient, loss_scale  # noqa: E402
-from lightning_sharpness.sam.vectorized import vectorized_msam_gradient, vectorized_sam_step  # noqa: E402
+from lightning_sharpness.sam.engine import SAMEngine, accumulate_sam_gradient  # noqa: E402
+from lightning_sharpness.sam.vectorized import vectorized_msam_gradient  # noqa: E402
 
 RHO = 0.05
 
@@ -159,24 +159,6 @@ def peak_bytes(run: Callable[[], None]) -> int:
 
 
 # ---------------------------------------------------------------- in Lightning: the step the issue measures
-class VectorizedSAM(SAM):
-    """The SAM callback with its m-SAM loop replaced by the vectorized passes (the integration, prototyped here:
-    the engine does not call the vectorized passes yet). ``min_chunks=1``: timed for every m, although the
-    default (8) leaves fewer chunks to the loop."""
-
-    def _local_sam_pass(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        k, scale = trainer.accumulate_grad_batches, loss_scale(trainer.precision_plugin)
-        stats = vectorized_sam_step(
-            self.engine, pl_module, self._batch, lambda chunk: self._loss(trainer, pl_module, chunk),
-            lambda loss: self._backward(trainer, pl_module, loss, k / scale), self._stats.rho, scale / k,
-            self._stash, first_grad_ready=True, min_chunks=1,
-        )  # fmt: skip
-        if stats is None:
-            return super()._local_sam_pass(trainer, pl_module)
-        self._stash = []
-        self._record(stats.perturbed_loss / k, stats.grad_norm)
-
-
 class Classifier(pl.LightningModule):
     def __init__(self, width: int) -> None:
         super().__init__()
@@ -234,14 +216,15 @@ def lightning_table(args, batch) -> None:
     configs: dict[str, Callable[[], list]] = {"plain": lambda: []}
     for m in args.ms:
         configs[f"m={m} loop"] = partial(lambda m: [SAM(rho=RHO, m=m)], m)
-        configs[f"m={m} vectorized"] = partial(lambda m: [VectorizedSAM(rho=RHO, m=m)], m)
+        configs[f"m={m} vectorized"] = partial(lambda m: [SAM(rho=RHO, m=m, vectorize=True)], m)
     times: dict[str, list[float]] = {name: [] for name in configs}
     for _ in range(args.repeats):
         for name, make in configs.items():
             times[name] += lightning_step_times(args.width, batch, make(), args.steps)
     medians = {name: statistics.median(values) for name, values in times.items()}
     plain = medians["plain"]
-    print(f"\nIn Lightning (Trainer.fit, the SAM callback), plain step {plain * 1e3:.2f} ms CPU time:")
+    print(f"\nIn Lightning (Trainer.fit, the SAM callback), plain step {plain * 1e3:.2f} ms CPU time")
+    print("(vectorized: SAM(m=..., vectorize=True), which runs the loop below 8 chunks):")
     print("| m | loop / plain | vectorized / plain | speed-up |")
     print("|---|---|---|---|")
     for m in args.ms:
