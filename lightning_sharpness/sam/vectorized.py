@@ -513,6 +513,8 @@ def _update_running_stats(layer: nn.Module, mean: Tensor, variance: Tensor) -> N
 def _per_chunk_sq(g: Tensor, scale: Tensor | None) -> Tensor:
     """``||T g_i||^2`` per chunk, in fp32 like :meth:`Geometry.dual_sq_norm` (one reduction kernel per tensor)."""
     tg = g if scale is None else g * scale
+    if tg.dtype == torch.float64:  # the loop's .float() narrows it; vector_norm's dtype= refuses to
+        tg = tg.float()
     if tg.ndim == 1:  # a 0-dim parameter: one number per chunk (an empty ``dim`` would reduce over the chunks)
         return tg.float().square()
     dims = tuple(range(1, tg.ndim))  # not flatten(1): autograd's per-chunk gradients may not be contiguous
