@@ -20,7 +20,6 @@ from __future__ import annotations
 import copy
 import math
 from collections.abc import Callable
-from contextlib import nullcontext
 from dataclasses import dataclass
 
 import lightning.pytorch as pl
@@ -363,12 +362,6 @@ class NormStatsRecorder(Callback):
         self.got.append([b.clone() for b in norm_buffers(pl_module.net)])
 
 
-def attention_for(variant: str):
-    """RSAM differentiates through the gradient; torch's fused CPU attention kernel has no double backward, so
-    RSAM on a transformer needs the math kernel (see test_rsam_on_fused_attention_says_what_to_do)."""
-    return sdpa_kernel(SDPBackend.MATH) if variant == "rsam" else nullcontext()
-
-
 def fit_variant(variant: str, model: str, net: nn.Module | None = None, callbacks=()):
     spec = VARIANTS[variant]
     net = MODELS[model]() if net is None else net
@@ -377,8 +370,7 @@ def fit_variant(variant: str, model: str, net: nn.Module | None = None, callback
     module = Task(net, optimizer=spec.optimizer, scheduler=spec.scheduler)
     callback, logger = spec.make(model), RecordingLogger()
     fitted = trainer(max_epochs=spec.epochs, callbacks=[callback, *callbacks], logger=logger, log_every_n_steps=1)
-    with attention_for(variant):
-        fitted.fit(module, make_loader(x, y, spec.batch, spec.indexed))
+    fitted.fit(module, make_loader(x, y, spec.batch, spec.indexed))
     return module, callback, logger, fitted
 
 
@@ -719,46 +711,28 @@ def test_encoder_saf_and_mesa_equal_reference(which):
     assert_same_weights(net, ref, atol=1e-5)
 
 
-def test_encoder_rsam_equals_reference_with_the_math_attention_kernel():
+def test_encoder_rsam_on_the_fused_attention_kernel_equals_reference():
     from tests.test_sam_rsam import RHO, reference_rsam
 
     net = encoder()
     ref = clone(net)
     x, y = data("encoder", 4 * 16)
     optimizer = lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9)  # the reference's optimizer
+    # the user leaves torch's fused attention kernel on (it has no double backward): RSAM's passes at w choose the
+    # math kernel themselves; the reference, a double backward too, needs it throughout
+    trainer(max_steps=4, callbacks=[RSAM(rho=RHO, alpha=2.0, gamma=0.5)]).fit(
+        Task(net, optimizer=optimizer), make_loader(x, y, 16)
+    )
     with sdpa_kernel(SDPBackend.MATH):
-        trainer(max_steps=4, callbacks=[RSAM(rho=RHO, alpha=2.0, gamma=0.5)]).fit(
-            Task(net, optimizer=optimizer), make_loader(x, y, 16)
-        )
         reference_rsam(ref, x, y, alpha=2.0, gamma=0.5)
     assert_same_weights(net, ref, atol=1e-5)
 
 
-RSAM_ON_FUSED_ATTENTION = (
-    "reported: RSAM on torch's fused CPU attention (the SDPA kernel of nn.TransformerEncoder, and of HF models when "
-    "attention dropout is 0) fails in Lightning's backward with torch's 'derivative for "
-    "aten::_scaled_dot_product_flash_attention_for_cpu_backward is not implemented', which does not say that RSAM's "
-    "double backward needs the math kernel (sdpa_kernel(SDPBackend.MATH)) or attn_implementation='eager'"
-)
-
-
-@pytest.mark.xfail(reason=RSAM_ON_FUSED_ATTENTION, strict=False)
-def test_rsam_on_fused_attention_says_what_to_do():
-    x, y = data("encoder", 16)
-    with pytest.raises((RuntimeError, ValueError), match="RSAM"):
-        trainer(max_steps=1, callbacks=[RSAM()]).fit(Task(encoder()), make_loader(x, y, 8))
-
-
-SAF_ON_PER_TOKEN_LOGITS = (
-    "reported: SAF stores one row of logits per example; with a language model's per-token logits (B, T, V) it "
-    "crashes at the end of the first batch with a shape mismatch from its store, which names neither SAF nor logits"
-)
-
-
-@pytest.mark.xfail(reason=SAF_ON_PER_TOKEN_LOGITS, strict=False)
 def test_saf_on_per_token_logits_says_what_to_do():
+    """SAF keeps one row of logits per example: a language model's (B, T, V) logits fail at the first step, naming
+    SAF, the shape and MESA (which keeps no store)."""
     x, y = data("tied_lm", 16)
-    with pytest.raises((RuntimeError, ValueError), match="SAF"):
+    with pytest.raises(RuntimeError, match=r"SAF stores one row of logits per example.*\(8, 8, 50\).*MESA"):
         trainer(max_epochs=2, callbacks=[SAF(epochs_back=1)]).fit(Task(tied_lm()), make_loader(x, y, 8, indexed=True))
 
 

@@ -94,7 +94,8 @@ class SAMMixin:
         user_loss_fn, losses_at_w = loss_fn, []
 
         def loss_fn(batch: Any) -> Tensor:  # what each pass back-propagates: the variant's objective (RSAM's)
-            loss = user_loss_fn(batch)
+            with variant.pass_context(engine.perturbed):
+                loss = user_loss_fn(batch)
             if not engine.perturbed:
                 losses_at_w.append(loss.detach())
             return variant.objective(loss, engine._trainable, engine.perturbed, scale)

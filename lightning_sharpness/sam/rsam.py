@@ -21,6 +21,8 @@ Where the paper leaves a choice open, ours:
   (the descent gradient regularized too), our former reading, kept as an option; it costs a second double backward.
 * ``grad S_alpha(g(w))`` is a Hessian-vector product, computed exactly by double backward in the pass at ``w``
   (about two ordinary passes), over all trainable parameters (the paper's "global" regularizer).
+* The passes at ``w`` run scaled-dot-product attention through its math kernel (:func:`double_backward_kernels`):
+  torch's fused kernels, which ``nn.TransformerEncoder`` and HF models pick even on CPU, have no double backward.
 * ``alpha = 1.5`` by default: the paper's order for spectra with one cluster of large eigenvalues (``0.5`` for
   several clusters; its README's command uses 1.2). ``gamma`` (the regularizer's weight) is 0.1 by default:
   the paper's value could not be read off its public material.
@@ -32,21 +34,36 @@ Logged: ``sam/renyi_sharpness`` (``S_alpha`` at ``w``, the step's first pass) ne
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
+from functools import partial
 from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
 from torch import Tensor
 
+from lightning_sharpness._lightning import shadow_method
 from lightning_sharpness.sam.callback import SAM
 from lightning_sharpness.sam.engine import RhoLike, loss_scale
-from lightning_sharpness.sam.saf import _wrap_training_step
 from lightning_sharpness.sam.variants import SAMVariant
 from lightning_sharpness.validation import check_choice, check_number
 
 __all__ = ["RSAM", "RenyiAscent", "renyi_of_gradient"]
 
 Regularize = Literal["ascent", "both"]
+
+
+def double_backward_kernels() -> AbstractContextManager:
+    """Scaled-dot-product attention through its math kernel inside the block: the fused kernels (flash, memory-
+    efficient; on CPU too, where ``nn.TransformerEncoder`` and HF models pick them) have no double backward, which
+    RSAM's passes at ``w`` need. The math kernel costs more memory on long sequences; outside these passes
+    nothing changes."""
+    try:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+    except ImportError:  # torch < 2.3: no kernel choice, no fused CPU kernel either
+        return nullcontext()
+    return sdpa_kernel([SDPBackend.MATH])
 
 
 def renyi_of_gradient(grads: list[Tensor], alpha: float) -> Tensor | None:
@@ -94,8 +111,14 @@ class RenyiAscent(SAMVariant):
         super().begin_step(step)
         self._renyi = self.last_term = None
 
+    def _regularizes(self, perturbed: bool) -> bool:
+        return self.gamma > 0 and not (perturbed and self.regularize == "ascent")
+
+    def pass_context(self, perturbed: bool) -> AbstractContextManager:
+        return double_backward_kernels() if self._regularizes(perturbed) else nullcontext()
+
     def objective(self, loss: Tensor, params: list[torch.nn.Parameter], perturbed: bool, scale: float) -> Tensor:
-        if self.gamma == 0 or (perturbed and self.regularize == "ascent"):
+        if not self._regularizes(perturbed):
             return loss
         with torch.enable_grad():  # the scaled loss keeps fp16's inner gradient in range; S_alpha ignores the scale
             grads = torch.autograd.grad(loss * scale, params, create_graph=True, allow_unused=True)
@@ -181,15 +204,19 @@ class RSAM(SAM):
             )
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._undo = _wrap_training_step(pl_module, lambda out, args: self._regularize(trainer, out))
+        self._undo = shadow_method(pl_module, "training_step", partial(self._regularized_step, trainer))
         super().on_fit_start(trainer, pl_module)
 
-    def _regularize(self, trainer: pl.Trainer, output: Any) -> Any:
+    def _regularized_step(self, trainer: pl.Trainer, training_step: Callable[..., Any], *args: Any, **kw: Any) -> Any:
         """Every ``training_step`` of the fit, Lightning's and SAM's own passes alike, goes through here."""
-        loss = output["loss"] if isinstance(output, dict) else output
-        if not isinstance(loss, Tensor) or not self._sam_is_on(trainer):
-            return output
+        if not self._sam_is_on(trainer):
+            return training_step(*args, **kw)
         engine = self.engine
+        with engine.variant.pass_context(engine.perturbed):
+            output = training_step(*args, **kw)
+        loss = output["loss"] if isinstance(output, dict) else output
+        if not isinstance(loss, Tensor):
+            return output
         scale = loss_scale(trainer.precision_plugin)
         regularized = engine.variant.objective(loss, engine._trainable, engine.perturbed, scale)
         return {**output, "loss": regularized} if isinstance(output, dict) else regularized

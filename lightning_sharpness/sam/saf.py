@@ -316,6 +316,12 @@ class SAF(_ExtraLoss):
 
     def _term(self, trainer, pl_module, output, logits, batch) -> Tensor | None:
         index = _output_part(output, "index", "SAF", self.contract).reshape(-1).long()
+        if logits.dim() != 2:
+            raise RuntimeError(
+                f"SAF stores one row of logits per example, `logits` of shape (batch, classes); got shape "
+                f"{tuple(logits.shape)}. For per-token outputs (a language model) use MESA, which keeps no per-example "
+                "store, or return one row of logits per example."
+            )
         if index.numel() != logits.shape[0]:
             raise RuntimeError(f"SAF: `index` has {index.numel()} entries for {logits.shape[0]} rows of logits.")
         self._remember(index.detach(), logits.detach())

@@ -19,6 +19,7 @@ their state unscaled, so that a scale that changes between steps never leaks int
 
 from __future__ import annotations
 
+from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 
 import torch
@@ -80,6 +81,11 @@ class SAMVariant:
 
     def finish_step(self) -> None:
         """After every pass of the step (and the average over processes): turn the step's sums into state."""
+
+    def pass_context(self, perturbed: bool) -> AbstractContextManager:
+        """A context for the forward of a pass (at ``w + e`` when ``perturbed``): RSAM's passes at ``w`` choose
+        attention kernels that have a double backward."""
+        return nullcontext()
 
     def objective(self, loss: Tensor, params: list[torch.nn.Parameter], perturbed: bool, scale: float) -> Tensor:
         """The loss a pass back-propagates, given the training loss of that pass; ``perturbed`` says whether the
