@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader
 
 from lightning_sharpness import SAM, SAMEngine, SAMMixin
 from tests import reference
-from tests.helpers import Classifier, classification_data, clone, loader, mlp, trainer
+from tests.helpers import Classifier, assert_same_weights, classification_data, clone, loader, mlp, trainer
 
 # ------------------------------------------------------------------------------------------------ helpers
 
@@ -555,3 +555,28 @@ def test_tied_parameter_is_perturbed_once_with_its_whole_gradient():
     assert net.out.weight is net.inp.weight
     for a, b in zip(ref.state_dict().values(), net.state_dict().values()):
         assert torch.allclose(a, b, atol=1e-6)
+
+
+class UnfreezesInTrainingStep(Classifier):
+    """The first layer frozen at first, unfrozen by training_step itself at step 1 (after SAM's batch start)."""
+
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__(net)
+        net[0].requires_grad_(False)
+
+    def training_step(self, batch, batch_idx):
+        if self.global_step == 1:
+            self.net[0].requires_grad_(True)
+        return super().training_step(batch, batch_idx)
+
+
+def test_parameters_unfrozen_inside_training_step_get_the_sam_gradient():
+    x, y = classification_data()
+    net = mlp()
+    ref_net = clone(net)
+    trainer(max_steps=3, callbacks=[SAM(rho=0.5)]).fit(UnfreezesInTrainingStep(net), loader(x, y))
+    opt = torch.optim.SGD(ref_net.parameters(), lr=0.1, momentum=0.9)
+    for step in range(3):
+        ref_net[0].requires_grad_(step >= 1)
+        reference.sam_step(ref_net, opt, x[16 * step : 16 * (step + 1)], y[16 * step : 16 * (step + 1)], rho=0.5)
+    assert_same_weights(net, ref_net, atol=1e-6)

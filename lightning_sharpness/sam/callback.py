@@ -247,6 +247,9 @@ class SAM(Callback):
         if not self._active:
             return
         self._stats.loss = _add(self._stats.loss, loss.detach() / _loss_scale(trainer))
+        # Again here, not only at batch start: training_step, or a callback after this one, may have unfrozen
+        # parameters since; their gradient must be set aside and perturbed like the others'.
+        self.engine.follow(pl_module, trainer.optimizers[0])
         if self.engine.mode == "local" and not self._one_pass:
             self._stash = self.engine.take_grads()
             self._skip_backward = self._chunked
