@@ -127,3 +127,37 @@ def reference_fp16_sam(net, x, y, rho, steps=4, batch_size=16, init_scale=2.0**1
         scaler.update()
         opt.zero_grad(set_to_none=True)
     return scaler
+
+
+class PaperBSAM:
+    """Bayesian SAM, Algorithm 1 of Moellenhoff & Khan (ICLR 2023), for a model whose every parameter trains: noise
+    of variance ``1 / (N s)`` drawn from ``generator`` (one ``torch.normal`` per parameter, in order), the noisy
+    gradient ``g_n``, the ascent ``rho g_n / s`` from the mean, the gradient ``g`` there, then at the mean
+    ``m <- lerp(m, g + wd w, 1 - b1)``, ``s <- lerp(s, sqrt(s) |g_n| + wd + damping, 1 - b2)``, ``w -= lr m / s``."""
+
+    def __init__(self, params, num_data, lr, weight_decay, rho, damping, seed, betas=(0.9, 0.999)):
+        self.params = list(params)
+        self.n, self.lr, self.wd, self.rho, self.damping, self.betas = num_data, lr, weight_decay, rho, damping, betas
+        self.generator = torch.Generator().manual_seed(seed)
+        self.s = [torch.ones_like(p) for p in self.params]
+        self.m = [torch.zeros_like(p) for p in self.params]
+
+    def step(self, gradient_at) -> None:
+        """``gradient_at()``: the gradients of the batch's loss at the current weights."""
+        params, s, m = self.params, self.s, self.m
+        mean = [p.detach().clone() for p in params]
+        with torch.no_grad():
+            for p, si in zip(params, s):
+                p.add_(torch.normal(0.0, (1.0 / (self.n * si)).sqrt(), generator=self.generator))
+        g_n = gradient_at()
+        with torch.no_grad():
+            for p, w, gi, si in zip(params, mean, g_n, s):
+                p.copy_(w + self.rho * gi / si)
+        g = gradient_at()
+        b1, b2 = self.betas
+        with torch.no_grad():
+            for p, w, gi, gn, si, mi in zip(params, mean, g, g_n, s, m):
+                p.copy_(w)
+                mi.lerp_(gi + self.wd * p, 1 - b1)
+                si.lerp_(si.sqrt() * gn.abs() + self.wd + self.damping, 1 - b2)
+                p.sub_(self.lr * mi / si)

@@ -142,29 +142,17 @@ def reference_family(name: str, mode: str, net, x, y, shards) -> None:
 
 
 def reference_bsam(net, x, y, shards) -> None:
-    """pytorch-optimizer's BSAM (as sam/bsam.py transcribes it) on the union of the shards."""
+    """The paper's BSAM (tests/reference.py's transcription of its Algorithm 1) on the union of the shards."""
+    from tests.reference import PaperBSAM
+
     hp = BSAM_HP
-    generator = torch.Generator().manual_seed(hp["seed"])
-    params = list(net.parameters())
-    s = [torch.ones_like(p) for p in params]
-    m = [torch.zeros_like(p) for p in params]
-    beta1, beta2 = 0.9, 0.999
+    opt = PaperBSAM(
+        net.parameters(), hp["num_data"], hp["lr"], hp["weight_decay"], hp["rho"], hp["damping"], hp["seed"]
+    )
     for t in range(STEPS):
         parts = _shard_batches(x, y, shards, t)
         union = (torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]))
-        with torch.no_grad():
-            for p, si in zip(params, s):
-                p.add_(torch.normal(0.0, 1.0 / (hp["num_data"] * si), generator=generator))
-        g = _grad(net, *union)
-        with torch.no_grad():
-            for p, gi, si in zip(params, g, s):
-                p.add_(hp["rho"] * gi / si)
-        g_p = _grad(net, *union)
-        with torch.no_grad():
-            for p, gi, si, mi in zip(params, g_p, s, m):
-                mi.lerp_(gi * hp["weight_decay"], 1 - beta1)
-                si.lerp_((si.sqrt() * gi.abs() + hp["weight_decay"] + hp["damping"]).pow(2), 1 - beta2)
-                p.sub_(hp["lr"] * mi / si)
+        opt.step(lambda union=union: _grad(net, *union))
 
 
 # ------------------------------------------------------------------------------------------ the DDP runs

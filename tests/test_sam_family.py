@@ -113,7 +113,8 @@ def test_bsam_equals_pytorch_optimizer():
     net = mlp()
     ref = clone(net)
     hyper = dict(num_data=STEPS * BATCH, lr=0.05, weight_decay=1e-3, rho=0.05, damping=0.1)
-    module = Classifier(net, optimizer=lambda ps: BSAMOptimizer(ps, seed=7, **hyper))
+    optimizer = lambda ps: BSAMOptimizer(ps, seed=7, algorithm="pytorch-optimizer", **hyper)  # noqa: E731
+    module = Classifier(net, optimizer=optimizer)
     trainer(max_steps=STEPS, callbacks=[BSAM()]).fit(module, loader(x, y, BATCH))
     opt = po.BSAM(ref.parameters(), **hyper)
     torch.manual_seed(7)  # pytorch-optimizer draws its noise from the global generator; ours from its own
@@ -132,3 +133,24 @@ def test_bsam_equals_pytorch_optimizer():
 
         opt.step(closure)
     assert_same_weights(net, ref, atol=1e-5)
+
+
+def test_bsam_equals_the_papers_algorithm():
+    """BSAMOptimizer's default is Algorithm 1 of the paper (tests/reference.py's PaperBSAM); it is a different
+    update from pytorch-optimizer's (the test can fail)."""
+    from lightning_sharpness.sam.bsam import BSAM, BSAMOptimizer
+    from tests.reference import PaperBSAM
+
+    x, y = classification_data(n=STEPS * BATCH)
+    net = mlp()
+    ref, library = clone(net), clone(net)
+    hyper = dict(num_data=STEPS * BATCH, lr=0.05, weight_decay=1e-3, rho=0.05, damping=0.1)
+    module = Classifier(net, optimizer=lambda ps: BSAMOptimizer(ps, seed=7, **hyper))
+    trainer(max_steps=STEPS, callbacks=[BSAM()]).fit(module, loader(x, y, BATCH))
+    opt = PaperBSAM(ref.parameters(), seed=7, **hyper)
+    for xb, yb in batches(x, y):
+        opt.step(lambda xb=xb, yb=yb: torch.autograd.grad(F.cross_entropy(ref(xb), yb), list(ref.parameters())))
+    assert_same_weights(net, ref, atol=1e-5)
+    module = Classifier(library, optimizer=lambda ps: BSAMOptimizer(ps, seed=7, algorithm="pytorch-optimizer", **hyper))
+    trainer(max_steps=STEPS, callbacks=[BSAM()]).fit(module, loader(x, y, BATCH))
+    assert max((a - b).abs().max() for a, b in zip(net.parameters(), library.parameters())) > 1e-3

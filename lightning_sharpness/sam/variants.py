@@ -53,14 +53,20 @@ class SAMVariant:
 
     # ---------------------------------------------------------------- binding and per-step life cycle
     def bind(self, params: list[torch.nn.Parameter]) -> None:
-        """Attach to the trainable parameters; state kept for another set of parameters is dropped."""
+        """Attach to the trainable parameters. When they change (a part unfrozen or frozen mid-fit), per-parameter
+        state follows each parameter by identity, as pytorch-optimizer's per-parameter state does: a parameter
+        that stays keeps its state, one that joins starts without."""
+        params = list(params)
         if [id(p) for p in params] != [id(p) for p in self._params]:
             if self._params:
-                self.reset_state()
-            self._params = list(params)
+                n = len(self._params)
+                slots = [self.step_sums[i : i + n] for i in range(0, len(self.step_sums), n)]
+                self.step_sums = [t for slot in slots for t in _remapped(slot, self._params, params)]
+                self.remap_state(self._params, params)
+            self._params = params
 
-    def reset_state(self) -> None:
-        """Forget what earlier steps left (a new set of parameters)."""
+    def remap_state(self, old: list[torch.nn.Parameter], new: list[torch.nn.Parameter]) -> None:
+        """Realign state kept per parameter of ``old`` with ``new`` (see :meth:`bind`; :func:`_remapped` helps)."""
 
     def begin_step(self, step: int) -> None:
         """Called once per optimizer step, before its first pass; ``step`` counts SAM's steps from 0."""
@@ -141,6 +147,12 @@ class SAMVariant:
 def _finite(tensors: list[Tensor | None]) -> bool:
     peaks = [t.abs().amax().float() for t in tensors if t is not None and t.numel()]
     return not peaks or bool(torch.stack(peaks).isfinite().all())
+
+
+def _remapped(state: list[Any], old: list[torch.nn.Parameter], new: list[torch.nn.Parameter]) -> list[Any]:
+    """``state`` (aligned with ``old``) aligned with ``new``: by parameter identity, ``None`` for a newcomer."""
+    position = {id(p): i for i, p in enumerate(old)}
+    return [state[position[id(p)]] if id(p) in position and position[id(p)] < len(state) else None for p in new]
 
 
 def _to_list(state: list[Tensor | None], params: list[torch.nn.Parameter]) -> list[Tensor | None]:
@@ -261,8 +273,9 @@ class FriendlyAscent(SAMVariant):
         self.momentum: list[Tensor | None] | None = None
         self._pending: list[Tensor | None] | None = None  # loaded from a checkpoint before binding
 
-    def reset_state(self) -> None:
-        self.momentum = None
+    def remap_state(self, old: list[torch.nn.Parameter], new: list[torch.nn.Parameter]) -> None:
+        if self.momentum is not None:  # a newcomer's EMA starts at its first gradient, its first ascent is SAM's
+            self.momentum = _remapped(self.momentum, old, new)
 
     def ascent_(self, grads: Grads, divisor: float, weight: float) -> None:
         self._add_to_sums(0, [None if g is None else g / divisor for g in grads], weight)
@@ -330,13 +343,14 @@ class LookAhead(SAMVariant):
         self._pending: list[Tensor | None] | None = None
         self._full = True
 
-    def reset_state(self) -> None:
-        self.g_v = None
+    def remap_state(self, old: list[torch.nn.Parameter], new: list[torch.nn.Parameter]) -> None:
+        if self.g_v is not None:  # a newcomer takes plain gradients in one-pass steps until the next full step
+            self.g_v = _remapped(self.g_v, old, new)
 
     def begin_step(self, step: int) -> None:
         super().begin_step(step)
         self._adopt_pending()
-        # A step without a stored g_v (the first, or after the parameters changed) is a full one.
+        # A step without a stored g_v (the first) is a full one.
         self._full = step % self.k == 0 or self.g_v is None
 
     def runs_second_pass(self) -> bool:
