@@ -105,6 +105,11 @@ class MeasureRecord:
     cost: Callable[[Mapping[str, Any], int | None], dict[str, float]]
     validators: Mapping[str, Callable[..., None]] = field(default_factory=dict)
 
+    def __reduce__(self) -> tuple[Callable[[str], MeasureRecord], tuple[str]]:
+        # Pickled by name (``strategy="ddp_spawn"`` pickles the callbacks, the monitor's measures with them): the
+        # child process finds the same record in its own registry.
+        return _registered, (self.name,)
+
     @property
     def parameters(self) -> list[inspect.Parameter]:
         """The options of the measure: its parameters after ``model, loss_fn, batches``."""
@@ -183,3 +188,10 @@ def record(name: str) -> MeasureRecord:
     if name not in _REGISTRY:
         raise ValueError(f"Unknown measure {name!r}. Available: {list(_REGISTRY)}.")
     return _REGISTRY[name]
+
+
+def _registered(name: str) -> MeasureRecord:
+    """:func:`record`, after importing the measures (which register themselves): what unpickling calls."""
+    import lightning_sharpness.measures  # noqa: F401
+
+    return record(name)

@@ -412,6 +412,11 @@ class SAF(_ExtraLoss):
             self.outputs = self.stamps = None  # a new fit starts empty unless a checkpoint restores the store
 
 
+def _first_field(batch: Any) -> Any:
+    """What MESA's teacher reads by default: ``batch[0]`` of a tuple or list, the batch itself otherwise."""
+    return batch[0] if isinstance(batch, (tuple, list)) else batch
+
+
 def _state_of(module: nn.Module) -> dict[str, Tensor]:
     """The module's parameters and buffers by name (tied ones once), what its teacher averages."""
     return {**dict(module.named_parameters()), **dict(module.named_buffers())}
@@ -478,7 +483,7 @@ class MESA(_ExtraLoss):
         self.decay = check_number(decay, "decay", minimum=0)
         if not self.decay < 1:
             raise ValueError(f"`decay` must be in [0, 1), got {decay!r}.")
-        self.inputs_of = inputs_of or (lambda batch: batch[0] if isinstance(batch, (tuple, list)) else batch)
+        self.inputs_of = inputs_of or _first_field  # a module-level default: ddp_spawn pickles callbacks
         self.average: dict[str, Tensor] | None = None  # the teacher: the module's tensors averaged, by name
         self._pending: dict[str, Tensor] | None = None  # a checkpoint's average, put in place at fit start
         self._targets: deque[tuple[list[weakref.ref], Tensor]] = deque()
