@@ -6,8 +6,9 @@ Prints, for a small CNN with BatchNorm on a fixed batch:
   * peak memory during a step, SAM minus plain, against the size of one copy of the parameters;
   * SAM / plain under fp16 with a GradScaler and under bf16 autocast;
   * 2-process DDP (gloo): SAM local and global against plain DDP, step time and bytes all-reduced per step;
-  * pytorch-optimizer's SAM family on our engine (GSAM, WSAM, FriendlySAM, LookSAM with k=10, BSAM): step time
-    / plain and / SAM, extra peak memory in parameter copies.
+  * the SAM family on our engine (pytorch-optimizer's GSAM, WSAM, FriendlySAM, LookSAM with k=10, BSAM; SSAM-F/D,
+    layer-wise and l-inf ASAM, RSAM, MESA, m-SAM): step time / plain and / SAM, extra peak memory in parameter
+    copies, and gradient all-reduces per step under 2-process DDP (counted by a DDP communication hook).
 
     python benchmarks/sam_overhead.py [--steps 30] [--repeats 3] [--batch-size 128] [--family-only]
 
@@ -132,6 +133,15 @@ class LogitsModule(Module):
         return {"loss": F.cross_entropy(logits, y), "logits": logits}
 
 
+def module_for(callbacks: list) -> pl.LightningModule:
+    """The module a configuration needs: BSAM's optimizer, or MESA's logits in training_step's output."""
+    if any(isinstance(c, BSAM) for c in callbacks):
+        return BSAMModule()
+    if any(isinstance(c, MESA) for c in callbacks):
+        return LogitsModule()
+    return Module()
+
+
 def lightning_run(batch, steps: int, warmup: int, callbacks: list, **trainer_kwargs) -> list[float]:
     timer = StepTimer(warmup)
     trainer_kwargs.setdefault("devices", 1)
@@ -139,18 +149,12 @@ def lightning_run(batch, steps: int, warmup: int, callbacks: list, **trainer_kwa
         accelerator="cpu", max_steps=steps + warmup, logger=False, enable_checkpointing=False,
         enable_progress_bar=False, enable_model_summary=False, callbacks=[*callbacks, timer], **trainer_kwargs,
     )  # fmt: skip
-    if any(isinstance(c, BSAM) for c in callbacks):
-        module = BSAMModule()
-    elif any(isinstance(c, MESA) for c in callbacks):
-        module = LogitsModule()
-    else:
-        module = Module()
-    trainer.fit(module, RepeatedBatch(batch, steps + warmup))
+    trainer.fit(module_for(callbacks), RepeatedBatch(batch, steps + warmup))
     return timer.times
 
 
 # ---------------------------------------------------------------- DDP, 2 processes (gloo)
-COMMUNICATED = {"calls": 0, "bytes": 0}
+COMMUNICATED = {"calls": 0, "bytes": 0, "explicit": 0}  # DDP's bucket all-reduces, and the family's own ones
 
 
 def counting_allreduce_hook(state, bucket):
@@ -160,21 +164,41 @@ def counting_allreduce_hook(state, bucket):
 
 
 class CountAllReduces(Callback):
-    """Lightning registers `ddp_comm_hook` on CUDA only; on CPU the counting hook is put in place here."""
+    """Lightning registers `ddp_comm_hook` on CUDA only; on CPU the counting hook is put in place here. Every
+    ``torch.distributed.all_reduce`` call is counted too (the SAM family's own, one flat all-reduce per step, as
+    ``sam/stepping.average_over_processes`` makes it); the hook's are taken out of that count."""
 
     def on_fit_start(self, trainer, pl_module) -> None:
         trainer.strategy.model.register_comm_hook(None, counting_allreduce_hook)
+        plain = torch.distributed.all_reduce
+
+        def counted(*args, **kwargs):
+            COMMUNICATED["explicit"] += 1
+            return plain(*args, **kwargs)
+
+        torch.distributed.all_reduce = counted  # looked up at call time by the hook and by the family alike
 
 
 class ReportFromRankZero(Callback):
-    """Rank zero writes its step times and the bytes it all-reduced per step to ``path``."""
+    """Rank zero writes its step times and what it all-reduced per step after the warm-up to ``path``."""
 
-    def __init__(self, path: str, timer: StepTimer, steps: int) -> None:
-        self.path, self.timer, self.steps = path, timer, steps
+    def __init__(self, path: str, timer: StepTimer, warmup: int) -> None:
+        self.path, self.timer, self.warmup = path, timer, warmup
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if trainer.global_step == self.warmup:
+            self.start = dict(COMMUNICATED)
 
     def on_train_end(self, trainer, pl_module) -> None:
         if trainer.global_rank == 0:
-            report = {"times": self.timer.times, "bytes_per_step": COMMUNICATED["bytes"] / self.steps}
+            steps = trainer.global_step - self.warmup
+            sent = {key: (COMMUNICATED[key] - self.start[key]) / steps for key in COMMUNICATED}
+            report = {
+                "times": self.timer.times,
+                "bytes_per_step": sent["bytes"],
+                "calls_per_step": sent["calls"],
+                "explicit_per_step": sent["explicit"] - sent["calls"],  # each hook call made one all_reduce
+            }
             Path(self.path).write_text(json.dumps(report))
 
 
@@ -185,9 +209,9 @@ def ddp_run(batch, steps: int, warmup: int, callbacks: list, workdir: str) -> di
         accelerator="cpu", devices=2, max_steps=steps + warmup, logger=False, enable_checkpointing=False,
         enable_progress_bar=False, enable_model_summary=False, use_distributed_sampler=False,
         strategy=DDPStrategy(start_method="spawn"),
-        callbacks=[*callbacks, CountAllReduces(), timer, ReportFromRankZero(path, timer, steps + warmup)],
+        callbacks=[*callbacks, CountAllReduces(), timer, ReportFromRankZero(path, timer, warmup)],
     )  # fmt: skip
-    trainer.fit(Module(), RepeatedBatch(batch, steps + warmup))
+    trainer.fit(module_for(callbacks), RepeatedBatch(batch, steps + warmup))
     return json.loads(Path(path).read_text())
 
 
@@ -321,7 +345,9 @@ def family_section(batch, args) -> dict[str, float]:
 
     A step time here is the mean over a run's measured steps (the median over repeats of those means), so that
     the steps a method runs only now and then (LookSAM's full step every k, SSAM's mask refresh) count at their
-    share: ``--steps`` should be a multiple of 10, LookSAM's k and SSAM's update period here.
+    share: ``--steps`` and ``--warmup`` should be multiples of 10, LookSAM's k and SSAM's update period here.
+    All-reduces per step: gradient all-reduces (DDP buckets; one per backward for this model) of a 2-process DDP
+    run of 10 steps, batch 16 per process, in the default (local) mode; ``--skip-ddp`` leaves them out.
     """
     family = {
         "plain": lambda: [],
@@ -349,17 +375,38 @@ def family_section(batch, args) -> dict[str, float]:
         for name, make in family.items():
             means[name].append(statistics.mean(lightning_run(batch, args.steps, args.warmup, make())))
     median = {name: statistics.median(m) for name, m in means.items()}
+    reduces = {} if args.skip_ddp else family_all_reduces(family)
     param_bytes = sum(p.numel() * p.element_size() for p in cnn().parameters())
-    print("| method | ms/step | / plain | / SAM | extra peak memory (parameter copies) |")
-    print("|---|---|---|---|---|")
+    print("| method | ms/step | / plain | / SAM | extra peak memory (parameter copies) | DDP all-reduces / step |")
+    print("|---|---|---|---|---|---|")
     results = {}
     for name in family:
         extra = (peaks[name] - peaks["plain"]) / param_bytes
         over_plain, over_sam = median[name] / median["plain"], median[name] / median["SAM"]
-        print(f"| {name} | {1e3 * median[name]:.1f} | {over_plain:.2f} | {over_sam:.2f} | {extra:.2f} |")
+        count = reduces.get(name, "")
+        count = f"{count:.2f}" if isinstance(count, float) else count
+        print(f"| {name} | {1e3 * median[name]:.1f} | {over_plain:.2f} | {over_sam:.2f} | {extra:.2f} | {count} |")
         results[f"family_{name}_over_plain"] = over_plain
         results[f"family_{name}_extra_param_copies"] = extra
     return results
+
+
+def family_all_reduces(family: dict[str, Callable[[], list]]) -> dict[str, float | str]:
+    """All-reduces per step of each configuration under 2-process DDP (local mode): DDP's gradient all-reduces
+    in units of plain DDP's (its buckets per backward), plus the ones the family makes itself; or why it refused.
+    Ten measured steps after ten of warm-up (DDP re-buckets after its first step)."""
+    reports: dict[str, dict | str] = {}
+    with tempfile.TemporaryDirectory() as workdir:
+        for name, make in family.items():
+            try:
+                reports[name] = ddp_run(make_batch(16), 10, 10, make(), workdir)
+            except Exception as error:  # a method that refuses DDP says so at setup
+                reports[name] = f"refused ({type(error).__name__})"
+    per_backward = reports["plain"]["calls_per_step"]
+    return {
+        name: r if isinstance(r, str) else r["calls_per_step"] / per_backward + r["explicit_per_step"]
+        for name, r in reports.items()
+    }
 
 
 def ddp_section(batch, args) -> dict[str, float]:
