@@ -79,12 +79,21 @@ class LogitsClassifier(DDPClassifier):
 
 
 @pytest.mark.slow
-def test_mesa_trains_under_ddp_spawn():
+@pytest.mark.parametrize("name", ["MESA", "SSAMD"])
+def test_trains_under_ddp_spawn(name):
+    """torch.multiprocessing's pickler (tensors through shared memory) is stricter than pickle: SSAMD's
+    torch.Generator killed the spawned processes."""
+    make = {"MESA": lambda: MESA(lmbda=0.5, tau=2.0), "SSAMD": lambda: SSAMD(rho=0.05, update_freq=1)}[name]
     x, y = classification_data(n=32)
     module = LogitsClassifier(mlp())
     before = [p.detach().clone() for p in module.parameters()]
-    trainer(devices=2, strategy="ddp_spawn", max_steps=2, callbacks=[MESA(lmbda=0.5, tau=2.0)]).fit(
-        module, loader(x, y, 8)
-    )
+    trainer(devices=2, strategy="ddp_spawn", max_steps=2, callbacks=[make()]).fit(module, loader(x, y, 8))
     # ddp_spawn trains in the child processes and loads the result back into this module
     assert any(not torch.equal(a, b) for a, b in zip(before, module.parameters()))
+
+
+def test_ssamd_generator_survives_pickling_where_it_was():
+    ssamd = SSAMD(seed=3)
+    torch.rand(5, generator=ssamd.generator)  # moved on from its seed
+    copy = pickle.loads(pickle.dumps(ssamd))
+    assert torch.equal(torch.rand(5, generator=copy.generator), torch.rand(5, generator=ssamd.generator))

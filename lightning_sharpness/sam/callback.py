@@ -150,6 +150,7 @@ class SAM(Callback):
         self.engine.restore()
         self._reset_step()
         self._micro_count = 0
+        self._undo_backward: Callable[[], None] | None = None  # removes the m-SAM backward shadow of this fit
 
     def _reset_step(self) -> None:
         self._active = False
@@ -187,7 +188,8 @@ class SAM(Callback):
         # Bind now, so that what binding checks (attention heads for the geodesic geometry) fails before step 0.
         self.engine.follow(pl_module, trainer.optimizers[0])
         self._step_takes_batch_idx = is_param_in_hook_signature(pl_module.training_step, "batch_idx", min_args=2)
-        if self.engine.m is not None:
+        if self.engine.m is not None and not isinstance(trainer.strategy, FSDPStrategy):
+            # (FSDP's backward hooks reshard what its forward gathered: its backward is never skipped)
             self._undo_backward = shadow_method(pl_module, "backward", self._lightning_backward)
         if isinstance(trainer.strategy, FSDPStrategy) and self.engine.mode == "local":
             rank_zero_warn(
@@ -231,7 +233,7 @@ class SAM(Callback):
             # Local mode: Lightning's pass must not all-reduce; the perturbed pass of this micro-batch will.
             self._sync_blocker.enter_context(trainer.strategy.block_backward_sync())
         self._batch, self._batch_idx = batch, batch_idx
-        self._chunked = self.engine.m is not None and count_examples(batch) > self.engine.m
+        self._chunked = self._undo_backward is not None and count_examples(batch) > self.engine.m
 
     def _lightning_backward(self, original: Callable[..., None], loss: Tensor, *args: Any, **kwargs: Any) -> None:
         """The module's ``backward`` during a fit with m-SAM: the backward of Lightning's whole-batch loss is
@@ -395,9 +397,9 @@ class SAM(Callback):
         self._remove_backward()
 
     def _remove_backward(self) -> None:
-        undo = self.__dict__.pop("_undo_backward", None)
-        if undo is not None:
-            undo()
+        if self._undo_backward is not None:
+            self._undo_backward()
+            self._undo_backward = None
         self._skip_backward = False
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:

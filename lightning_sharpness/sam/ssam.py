@@ -288,6 +288,19 @@ class SSAMD(_SparseSAM):
         if hasattr(self, "generator"):
             self.generator.manual_seed(self.seed)
 
+    # torch.multiprocessing cannot send a torch.Generator to a spawned process (ddp_spawn pickles the callbacks
+    # with it and the child dies rebuilding it): it travels as the bytes of its state.
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state["generator"] = bytes(self.generator.get_state().numpy())
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        generator_state = state.pop("generator")
+        self.__dict__.update(state)
+        self.generator = torch.Generator()
+        self.generator.set_state(torch.frombuffer(bytearray(generator_state), dtype=torch.uint8))
+
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
