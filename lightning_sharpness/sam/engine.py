@@ -74,8 +74,8 @@ class SAMEngine:
             the loop to float rounding) from 8 chunks on; what cannot be vmapped (dropout, ``.item()``,
             data-dependent control flow, DDP/FSDP, a non-element-wise geometry, a SAM-family variant) keeps the
             loop, with one warning naming the reason. Off by default: it pays on small models (the 29k-parameter
-            digits CNN: 1-SAM 4.1 plain steps instead of 12.4) but on a 1.1M-parameter CNN with batch 128 it was
-            slower than the loop (m=16: 4.05 against 2.57 plain steps) and held hundreds of parameter copies.
+            digits CNN: 1-SAM 3.8 plain steps instead of 11.0); on a 1.1M-parameter CNN with batch 128 it is level
+            with the loop (m=16: 2.75 against 2.88 plain steps, m=4: 4.36 against 4.10; benchmarks/sam_overhead.py).
 
     Raises:
         ValueError: an argument out of its range, naming it; ``normalize=False`` with a geometry that has no
