@@ -1,5 +1,5 @@
-"""Overhead around the Hessian-vector products: Hutchinson's, Hutch++'s and XTrace's traces and Lanczos on a ~200k-parameter
-ReLU MLP.
+"""Overhead around the Hessian-vector products: Hutchinson's, Hutch++'s and XTrace's traces and Lanczos on a
+~200k-parameter ReLU MLP.
 
 Model: a 100-400-400-10 ReLU MLP (204,810 parameters), cross-entropy on one batch of 256 from a noisy teacher,
 40 SGD steps, float32, CPU, one thread. The operator's gradient graph is built before timing, so every call times
@@ -27,8 +27,6 @@ from peak_memory import PeakMemory
 from lightning_sharpness.curvature import HessianOperator, hutchinson, hutchpp, lanczos_eigs, xtrace
 
 REPEATS = 5
-
-
 
 
 def loss_fn(model, batch):

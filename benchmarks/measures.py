@@ -389,7 +389,7 @@ def _worker(model_name: str, lib: str, plan: dict) -> dict:
     L = Library(lib, model, x, y)
     L.warm_up()
     base = _rss_mib()
-    lam, tr = plan["lam"], plan["trace"]
+    lam = plan["lam"]
     out = {"eig": {}, "trace": {}, "costs": None}
 
     def timed(f, *args):
@@ -475,9 +475,9 @@ def run_model(model_name: str, libs: list[str], seeds: int, quick: bool, run) ->
                 ladder_end = {t: reached[lib].get(t, len(EIG_LADDER[lib])) for t in TARGETS}  # unreached: not again
                 plan_seeds, eig_from, trace_seeds = _Seeds(first, rest, reached[lib]), ladder_end, list(rest)
             plan = {
-                "lam": ref["lam"], "trace": ref["trace"], "eig_targets": TARGETS[:1] if quick else TARGETS, "eig_from": eig_from,
-                "eig_seeds": plan_seeds, "trace_settings": trace_settings[lib], "trace_seeds": trace_seeds,
-                "costs": round_ == 2,
+                "lam": ref["lam"], "trace": ref["trace"], "eig_targets": TARGETS[:1] if quick else TARGETS,
+                "eig_from": eig_from, "eig_seeds": plan_seeds, "trace_settings": trace_settings[lib],
+                "trace_seeds": trace_seeds, "costs": round_ == 2,
             }  # fmt: skip
             out = run(_worker, model_name, lib, plan)
             print(f"[{time.perf_counter() - t0:5.0f} s] {model_name} round {round_} {lib}", file=sys.stderr, flush=True)
@@ -524,7 +524,7 @@ def summarize(result: dict) -> dict:
             t = statistics.median(c[1] for c in calls)
             traces[setting] = {"rms": err, "time": t, "eff": t * err * err, "n": len(calls)}
         row["traces"] = traces
-        default = (TRACE[lib][0] if HAS_DEFAULT[lib] else None)
+        default = TRACE[lib][0] if HAS_DEFAULT[lib] else None
         row["trace_default"] = (default, traces[default]) if default in traces else None
         best = min(traces.items(), key=lambda kv: kv[1]["eff"]) if traces else None
         row["trace_best"] = best
@@ -579,9 +579,7 @@ def table(results: dict, quick: bool) -> str:
             f"{ref['lam2']:.5g}; trace {ref['trace']:.5g}; {result['seeds']} seeds; {result['seconds']:.0f} s)"
         )
         if "dense_lam" in ref:
-            lines[-1] += (
-                f"; dense-Hessian check: eigenvalue {ref['dense_lam']:.6g}, trace {ref['dense_trace']:.6g}"
-            )
+            lines[-1] += f"; dense-Hessian check: eigenvalue {ref['dense_lam']:.6g}, trace {ref['dense_trace']:.6g}"
         lines += [
             "",
             "| library | top eig. to 1e-2 | top eig. to 1e-3 | trace eff. at defaults | trace eff. at best "
@@ -593,9 +591,11 @@ def table(results: dict, quick: bool) -> str:
             for target in TARGETS:
                 best = row[target]
                 ran = any(k for k in result["libs"][lib]["eig"]) and (target == TARGETS[0] or not result["quick"])
-                cells.append("—" if not ran else "not reached" if best is None else f"{1e3 * best[1]:.0f} ms ({_setting(lib, best[0])})")
+                reached_in = None if best is None else f"{1e3 * best[1]:.0f} ms ({_setting(lib, best[0])})"
+                cells.append("—" if not ran else "not reached" if best is None else reached_in)
             c = row["costs"]
-            cost = "—" if not c else f"{c['hvp'] / c['gradient']:.2f} ({1e3 * c['hvp']:.1f} / {1e3 * c['gradient']:.1f} ms)"
+            ratio = None if not c else f"{c['hvp'] / c['gradient']:.2f}"
+            cost = "—" if not c else f"{ratio} ({1e3 * c['hvp']:.1f} / {1e3 * c['gradient']:.1f} ms)"
             lines.append(
                 f"| {NAMES[lib]} | {cells[0]} | {cells[1]} | {_trace_cell(row['trace_default'])} | "
                 f"{_trace_cell(row['trace_best'])} | {cost} | {row['peak']:.0f} |"
@@ -650,7 +650,8 @@ def memory_table(models: list[str], libs: list[str], run) -> str:
     lines = [
         "Peak memory of one call (MiB: the resident-set high-water mark during the call above the resident set "
         "before it, in a fresh process after a warm-up call): "
-        "the top eigenvalue at " + ", ".join(f"{NAMES[lib]} {_setting(lib, MEMORY_EIG[lib])}" for lib in libs)
+        "the top eigenvalue at "
+        + ", ".join(f"{NAMES[lib]} {_setting(lib, MEMORY_EIG[lib])}" for lib in libs)
         + "; the trace at each library's default (curvlinops: XTrace 48).",
         "",
         "| model | " + " | ".join(f"{NAMES[lib]} eig. / trace" for lib in libs) + " |",

@@ -57,8 +57,14 @@ class StepTimer(pl.Callback):
 def run(callback, args, data) -> tuple[float, pl.Callback | None]:
     timer = StepTimer()
     trainer = pl.Trainer(
-        accelerator=args.accelerator, devices=1, max_epochs=args.epochs, logger=False, enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False, callbacks=[timer] + ([callback] if callback else []),
+        accelerator=args.accelerator,
+        devices=1,
+        max_epochs=args.epochs,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[timer] + ([callback] if callback else []),
     )
     trainer.fit(Net(args.d_in, args.width, args.classes), data)
     last = [t for e, t in timer.times if e == args.epochs - 1]
@@ -87,11 +93,15 @@ def main() -> None:
     print(f"SAF step    {saf_time * 1e3:8.2f} ms   {saf_time / plain:.2f}x   (target <= 1.05x)")
     print(f"MESA step   {mesa_time * 1e3:8.2f} ms   {mesa_time / plain:.2f}x   (target <= 1.4x)")
     per_row = args.classes * 4 + 4  # fp32 logits and an int32 epoch stamp per example and slot
-    print(f"SAF stored logits: {saf.stored_bytes / 2**20:.2f} MiB measured ({args.examples} examples x "
-          f"{args.classes} classes x 1 epoch back, fp32)")
+    print(
+        f"SAF stored logits: {saf.stored_bytes / 2**20:.2f} MiB measured ({args.examples} examples x "
+        f"{args.classes} classes x 1 epoch back, fp32)"
+    )
     for name, n, c in (("CIFAR-100", 50_000, 100), ("ImageNet-1k", 1_281_167, 1000)):
-        print(f"  {name}: {3 * n * (c * 4 + 4) / 2**30:.2f} GiB with epochs_back=3 fp32 "
-              f"({3 * n * (c * 2 + 4) / 2**30:.2f} GiB fp16)")
+        print(
+            f"  {name}: {3 * n * (c * 4 + 4) / 2**30:.2f} GiB with epochs_back=3 fp32 "
+            f"({3 * n * (c * 2 + 4) / 2**30:.2f} GiB fp16)"
+        )
     print(f"  (expected {args.examples * per_row / 2**20:.2f} MiB = examples x (classes x 4 + 4) bytes)")
 
 

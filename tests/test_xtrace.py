@@ -80,8 +80,10 @@ def test_unbiased_and_more_accurate_than_hutchinson_on_a_decaying_spectrum():
     """Over 200 seeds the mean error is within four standard errors of 0 on a flat spectrum (where the Hutchinson
     part carries most of the trace), and on a decaying one the RMS error is several times Hutchinson's."""
     flat = spectrum_matrix(torch.linspace(0.5, 1.5, 60), seed=2)
-    errors = [xtrace(DenseOperator(flat), 10, torch.Generator().manual_seed(s)).value - float(flat.trace()) for s in
-              range(200)]
+    errors = [
+        xtrace(DenseOperator(flat), 10, torch.Generator().manual_seed(s)).value - float(flat.trace())
+        for s in range(200)
+    ]
     assert abs(statistics.mean(errors)) < 4 * statistics.stdev(errors) / 200**0.5
     assert statistics.stdev(errors) > 0  # a random estimate: the check above is not vacuous
 
@@ -89,8 +91,9 @@ def test_unbiased_and_more_accurate_than_hutchinson_on_a_decaying_spectrum():
     truth = float(decaying.trace())
 
     def rms(estimator):
-        errs = [estimator(DenseOperator(decaying), 20, torch.Generator().manual_seed(s)).value - truth for s in
-                range(40)]
+        errs = [
+            estimator(DenseOperator(decaying), 20, torch.Generator().manual_seed(s)).value - truth for s in range(40)
+        ]
         return (sum(e * e for e in errs) / len(errs)) ** 0.5
 
     assert rms(xtrace) < rms(hutchinson) / 5

@@ -68,7 +68,8 @@ class SAM(Callback):
         normalize: ``False`` gives unnormalized SAM, ``e = rho T^2 g`` (see :class:`USAM`).
         m: m-sharpness: each chunk of ``m`` examples of a device batch is perturbed by its own gradient and
             the perturbed gradients are averaged weighted by chunk size (a last, smaller chunk weighs less).
-            Costs one extra forward-backward per step (the per-chunk gradients at ``w``). ``None``: n-SAM.
+            Every chunk's gradient at ``w`` is recomputed, so the backward of Lightning's whole-batch pass is
+            skipped (its forward runs and logs as usual). ``None``: n-SAM.
         perturb: ``"all"`` parameters, ``"norm"`` layers only (SAM-ON), a list of names, or ``(name, param) -> bool``.
         start_step: ERM until this global step, SAM from it on.
         start_epoch: ERM until this epoch, SAM from it on (both conditions must hold).
