@@ -576,19 +576,9 @@ def test_encoder_bsam_equals_pytorch_optimizer():
     fit_callback(net, BSAM(), optimizer=lambda ps: BSAMOptimizer(ps, seed=7, algorithm="pytorch-optimizer", **hyper))
     opt = po.BSAM(ref.parameters(), **hyper)
     torch.manual_seed(7)  # pytorch-optimizer draws its noise from the global generator; ours from its own
-    # pytorch-optimizer's BSAM adds noise only to parameters that hold a gradient when its step begins: one
-    # backward gives the first step its gradients (its closure zeroes them afterwards), as in test_sam_family.py
-    pairs = batches(*data("encoder", REF_STEPS * REF_BATCH))
-    loss_of(ref, *pairs[0]).backward()
-    for xb, yb in pairs:
-
-        def closure(xb=xb, yb=yb):
-            opt.zero_grad()
-            loss = loss_of(ref, xb, yb)
-            loss.backward()
-            return loss
-
-        opt.step(closure)
+    # pytorch-optimizer's BSAM adds noise only to parameters that hold a gradient when its step begins: the loop's
+    # gradient before each step gives them one (its value is not read; the encoder has no dropout to draw)
+    po_closure_loop(ref, opt, batches(*data("encoder", REF_STEPS * REF_BATCH)))
     assert_same_weights(net, ref, atol=1e-5)
 
 

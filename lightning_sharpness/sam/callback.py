@@ -151,7 +151,8 @@ class SAM(Callback):
         self.engine.restore()
         self._reset_step()
         self._micro_count = 0
-        self._undo_backward: Callable[[], None] | None = None  # removes the m-SAM backward shadow of this fit
+        self._shadows: list[Callable[[], None]] = []  # undoes what this fit shadowed on the module (shadow_on)
+        self._skips_backward = False  # m-SAM's backward shadow is installed for this fit
 
     def _reset_step(self) -> None:
         self._active = False
@@ -191,7 +192,8 @@ class SAM(Callback):
         self._step_takes_batch_idx = is_param_in_hook_signature(pl_module.training_step, "batch_idx", min_args=2)
         if self.engine.m is not None and not isinstance(trainer.strategy, FSDPStrategy):
             # (FSDP's backward hooks reshard what its forward gathered: its backward is never skipped)
-            self._undo_backward = shadow_method(pl_module, "backward", self._lightning_backward)
+            self.shadow_on(pl_module, "backward", self._lightning_backward)
+            self._skips_backward = True
         if isinstance(trainer.strategy, FSDPStrategy) and self.engine.mode == "local":
             rank_zero_warn(
                 "Under FSDP every backward reduces gradients across processes, so SAM perturbs with the global "
@@ -234,7 +236,7 @@ class SAM(Callback):
             # Local mode: Lightning's pass must not all-reduce; the perturbed pass of this micro-batch will.
             self._sync_blocker.enter_context(trainer.strategy.block_backward_sync())
         self._batch, self._batch_idx = batch, batch_idx
-        self._chunked = self._undo_backward is not None and count_examples(batch) > self.engine.m
+        self._chunked = self._skips_backward and count_examples(batch) > self.engine.m
 
     def _lightning_backward(self, original: Callable[..., None], loss: Tensor, *args: Any, **kwargs: Any) -> None:
         """The module's ``backward`` during a fit with m-SAM: the backward of Lightning's whole-batch loss is
@@ -394,19 +396,22 @@ class SAM(Callback):
             self.engine.variant.after_optimizer_step(self._skipped)
             self._skipped = None
 
-    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._remove_backward()
+    def shadow_on(self, pl_module: pl.LightningModule, name: str, replacement: Callable[..., Any]) -> None:
+        """Shadow ``pl_module.name`` for this fit (:func:`shadow_method`); undone at fit end or on an exception."""
+        self._shadows.append(shadow_method(pl_module, name, replacement))
 
-    def _remove_backward(self) -> None:
-        if self._undo_backward is not None:
-            self._undo_backward()
-            self._undo_backward = None
-        self._skip_backward = False
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._remove_shadows()
+
+    def _remove_shadows(self) -> None:
+        while self._shadows:  # the latest first: shadows of one method stack
+            self._shadows.pop()()
+        self._skips_backward = self._skip_backward = False
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         # The weights are already back at w (every perturbed pass restores on its way out); drop the rest of
         # the interrupted step so that a later fit with this callback starts clean.
-        self._remove_backward()
+        self._remove_shadows()
         self.engine.restore()
         self._sync_blocker.close()
         self._reset_step()

@@ -43,7 +43,6 @@ import lightning.pytorch as pl
 import torch
 from torch import Tensor
 
-from lightning_sharpness._lightning import shadow_method
 from lightning_sharpness.sam.callback import SAM
 from lightning_sharpness.sam.engine import RhoLike, loss_scale
 from lightning_sharpness.sam.variants import SAMVariant
@@ -172,7 +171,6 @@ class RSAM(SAM):
         if "variant" in kwargs:
             raise ValueError("RSAM sets its own `variant` (RenyiAscent); use the SAM callback for another one.")
         super().__init__(rho=rho, variant=RenyiAscent(alpha, gamma, regularize), **kwargs)
-        self._undo = None
 
     @property
     def alpha(self) -> float:
@@ -204,7 +202,7 @@ class RSAM(SAM):
             )
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._undo = shadow_method(pl_module, "training_step", partial(self._regularized_step, trainer))
+        self.shadow_on(pl_module, "training_step", partial(self._regularized_step, trainer))
         super().on_fit_start(trainer, pl_module)
 
     def _regularized_step(self, trainer: pl.Trainer, training_step: Callable[..., Any], *args: Any, **kw: Any) -> Any:
@@ -228,16 +226,3 @@ class RSAM(SAM):
         if term is not None:
             loss = loss - term * (loss_scale(trainer.precision_plugin) / trainer.accumulate_grad_batches)
         super().on_before_backward(trainer, pl_module, loss)
-
-    def _remove(self) -> None:
-        if self._undo is not None:
-            self._undo()
-            self._undo = None
-
-    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        super().on_fit_end(trainer, pl_module)
-        self._remove()
-
-    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
-        super().on_exception(trainer, pl_module, exception)
-        self._remove()
